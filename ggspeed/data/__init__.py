@@ -1,0 +1,1 @@
+"""Data for ggspeed's trainer and benchmarks: the embedded corpus and indexed datasets."""

@@ -1,0 +1,1 @@
+"""GPT models used by ggspeed's trainer and benchmarks."""

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install ggspeed with its test extras.
+# Sourced by scripts/test.sh and launch/demo.sh so that each does its own set-up on a fresh machine.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${GGSPEED_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+
+stamp="$VENV/.ggspeed-installed"
+if [ ! -f "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ]; then
+    python -m pip install --quiet --upgrade pip
+    # torch first, pinned to the CPU build on this disk: a plain requirement would pull CUDA.
+    if ! python -c "import torch" >/dev/null 2>&1; then
+        python -m pip install --quiet "torch==2.13.0"
+    fi
+    python -m pip install --quiet -e "$ROOT[dev]"
+    touch "$stamp"
+fi
+
+# DeepSpeed JIT-compiles a few ops on first use; cache them inside the ignored build folder.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/build/torch_extensions}"
+# Numba caches compiled kernels beside the sources unless told otherwise.
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$ROOT/build/numba_cache}"
+mkdir -p "$TORCH_EXTENSIONS_DIR" "$NUMBA_CACHE_DIR"
