@@ -1,0 +1,85 @@
+"""ggspeed.initialize as a drop-in for deepspeed.initialize, on real gloo ranks."""
+
+import pytest
+import torch
+
+from ggspeed.config import ConfigError
+from tests.dist import run_ranks
+
+
+def _ds_config(ggspeed: dict | None = None) -> dict:
+    cfg = {
+        "train_batch_size": 4,
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
+        "steps_per_print": 1000,
+    }
+    if ggspeed is not None:
+        cfg["ggspeed"] = ggspeed
+    return cfg
+
+
+def _train_plain_and_ggspeed() -> tuple[list[float], list[float]]:
+    """Same seed, same data: ggspeed.initialize with nothing enabled trains like DeepSpeed."""
+    import deepspeed
+
+    import ggspeed
+
+    losses = {}
+    for name, init in (("deepspeed", deepspeed.initialize), ("ggspeed", ggspeed.initialize)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        engine, *_ = init(model=model, model_parameters=model.parameters(), config=_ds_config())
+        g = torch.Generator().manual_seed(1 + engine.global_rank)
+        out = []
+        for _ in range(3):
+            x = torch.randn(2, 8, generator=g)
+            loss = engine(x).pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+            out.append(loss.item())
+        losses[name] = out
+        if name == "ggspeed":
+            assert engine.ggspeed.components == {}
+            assert engine.ggspeed.scalars() == {}
+    return losses["deepspeed"], losses["ggspeed"]
+
+
+def _mismatched_configs() -> str:
+    import torch.distributed as dist
+
+    import ggspeed
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = torch.nn.Linear(4, 4)
+    try:
+        ggspeed.initialize(
+            model=model,
+            model_parameters=model.parameters(),
+            config=_ds_config({"log_interval": 5 + rank}),
+        )
+    except ConfigError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.dist
+def test_initialize_without_features_matches_deepspeed():
+    for plain, ours in run_ranks(_train_plain_and_ggspeed, 2, init_pg=False, timeout=240):
+        assert plain == ours
+
+
+@pytest.mark.dist
+def test_ranks_with_different_sections_are_refused():
+    messages = run_ranks(_mismatched_configs, 2, init_pg=False, timeout=240)
+    for msg in messages:
+        assert "different ggspeed settings" in msg
+        assert "ggspeed.log_interval: rank 0 has 5, rank 1 has 6" in msg
+
+
+def test_missing_ds_config_is_an_error():
+    import ggspeed
+
+    with pytest.raises(ConfigError, match="no ds_config"):
+        ggspeed.initialize(model=torch.nn.Linear(2, 2))
