@@ -1,0 +1,248 @@
+"""EGStream: an Exp-Golomb coded integer tensor, and its self-describing byte format.
+
+Bit format (identical for the numba and the Triton kernels):
+
+* Values are cut into chunks of ``chunk_size`` elements (the last one shorter). Each chunk is
+  coded on its own, MSB first, and starts on a byte boundary, so chunks encode and decode in
+  parallel; the padding bits after a chunk are zero.
+* Plain mode: every element is ``EG_k(u)``, ``u = zigzag(q)`` (2q - 1 for q > 0, else -2q), i.e.
+  ``u + 2^k`` in binary preceded by ``bitlen(u + 2^k) - k - 1`` zeros. ``k`` is per chunk.
+* Zero-run mode, per nonzero: ``EG_kr(zeros before it)``, a sign bit (1 = negative), then
+  (only at the chunk's first nonzero and at the first nonzero after each ``|q| >= 2``)
+  ``EG_kb(number of |q| == 1 nonzeros before the next |q| >= 2, or before the chunk's end)``,
+  and for a ``|q| >= 2`` nonzero ``EG_kv(|q| - 2)``. Magnitude 1, by far the most frequent
+  nonzero in sparse data, thus costs far below a bit. Zeros at the end of a chunk are one last
+  run with nothing after it: the decoder knows the chunk's element count, so a run that reaches
+  it ends the chunk. ``kr``, ``kb``, ``kv`` are per chunk.
+
+Byte layout of ``to_bytes()`` / ``to_tensor()`` (little-endian integers), version 1:
+
+    0   4s  magic b"GGEC"            24  u64 nbits (code bits, padding excluded)
+    4   u8  version (1)              32  u64 payload bytes
+    5   u8  flags: 1 runs, 2 auto,   40  u32 CRC-32 of the whole buffer with this field zeroed
+            4 checksum present
+    6   u8  k (kr in runs mode)      44  u8 kb, u8 kv (runs mode), u16 reserved (0)
+    7   u8  reserved (0)             48  u32[nchunks] code bits of each chunk
+    8   u64 numel                        u8[nchunks, 3] per-chunk orders (k, 0, 0 / kr, kb, kv)
+    16  u32 chunk_size                   payload (chunks back to back, byte aligned)
+    20  u32 nchunks
+    (k, kb, kv: the orders asked for; 0 with "auto")
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from .cpu import MAX_K
+
+MAGIC = b"GGEC"
+VERSION = 1
+HEADER = struct.Struct("<4sBBBBQIIQQIBBH")
+HEADER_SIZE = HEADER.size  # 48
+F_RUNS, F_AUTO, F_CRC = 1, 2, 4
+MAX_CHUNK = 1 << 24
+
+assert HEADER_SIZE == 48
+assert sys.byteorder == "little", "ggspeed.codec's byte format assumes a little-endian host"
+
+
+@dataclass
+class EGStream:
+    """An Exp-Golomb coded integer tensor (see the module docstring for the format).
+
+    ``data`` is the payload on the input's device; ``chunk_bits`` (int64) and ``orders``
+    (uint8, (nchunks, 3)) live on the same device. ``k`` is what the caller asked for (an int,
+    a (kr, kb, kv) triple in run mode, or "auto"); the orders actually used are in ``orders``.
+    """
+
+    data: torch.Tensor
+    numel: int
+    k: int | str | tuple[int, int, int]
+    runs: bool
+    nbits: int
+    chunk_size: int
+    chunk_bits: torch.Tensor
+    orders: torch.Tensor
+
+    @property
+    def nchunks(self) -> int:
+        return int(self.chunk_bits.shape[0])
+
+    @property
+    def chunk_offsets(self) -> torch.Tensor:
+        """Bit offset of each chunk's first code in ``data`` (chunks are byte aligned)."""
+        nb = (self.chunk_bits + 7) // 8
+        return (torch.cumsum(nb, 0) - nb) * 8
+
+    @property
+    def nbytes(self) -> int:
+        """Size of ``to_bytes()``: what the stream costs on the wire."""
+        return HEADER_SIZE + 7 * self.nchunks + int(self.data.numel())
+
+    @property
+    def bits_per_element(self) -> float:
+        return self.nbits / self.numel if self.numel else 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def _header(self, crc: int, with_crc: bool) -> bytes:
+        auto = self.k == "auto"
+        flags = (F_RUNS if self.runs else 0) | (F_AUTO if auto else 0) | (F_CRC if with_crc else 0)
+        if auto:
+            ks = (0, 0, 0)
+        elif isinstance(self.k, tuple):
+            ks = tuple(int(v) for v in self.k)
+        else:
+            ks = (int(self.k), 0, 0)
+        return HEADER.pack(
+            MAGIC,
+            VERSION,
+            flags,
+            ks[0],
+            0,
+            self.numel,
+            self.chunk_size,
+            self.nchunks,
+            self.nbits,
+            int(self.data.numel()),
+            crc,
+            ks[1],
+            ks[2],
+            0,
+        )
+
+    def to_tensor(self, checksum: bool | None = None) -> torch.Tensor:
+        """The whole stream (header, tables, payload) as one uint8 tensor on the stream's device.
+
+        Same bytes as ``to_bytes()``. ``checksum`` (default: only for CPU streams) adds a CRC-32;
+        on CUDA it costs a device-to-host copy, so streams that never leave the GPU skip it.
+        """
+        dev = self.data.device
+        if checksum is None:
+            checksum = dev.type == "cpu"
+        tables = [
+            _bytes_of(self.chunk_bits.to(torch.int32)),
+            self.orders.to(torch.uint8).reshape(-1),
+            self.data,
+        ]
+        head = torch.frombuffer(bytearray(self._header(0, checksum)), dtype=torch.uint8)
+        out = torch.cat([head.to(dev), *[t.to(dev) for t in tables]])
+        if checksum:
+            crc = zlib.crc32(out.cpu().numpy())
+            out[40:44] = torch.tensor(list(struct.pack("<I", crc)), dtype=torch.uint8)
+        return out
+
+    def to_bytes(self) -> bytes:
+        return self.to_tensor(checksum=True).cpu().numpy().tobytes()
+
+    @classmethod
+    def from_tensor(cls, buf: torch.Tensor) -> EGStream:
+        """Parse ``to_tensor()`` output (any device); ValueError if it is not a valid stream."""
+        if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.dim() != 1:
+            raise ValueError("EGStream.from_tensor: expected a 1-D uint8 tensor")
+        n = int(buf.numel())
+        if n < HEADER_SIZE:
+            raise ValueError(f"EG stream truncated: {n} bytes, the header alone is {HEADER_SIZE}")
+        head = buf[:HEADER_SIZE].cpu().numpy().tobytes()
+        (magic, version, flags, k0, _, numel, chunk, nchunks, nbits, nload, crc, kb, kv, _) = (
+            HEADER.unpack(head)
+        )
+        if magic != MAGIC:
+            raise ValueError(f"not an EG stream: magic {magic!r}, expected {MAGIC!r}")
+        if version != VERSION:
+            raise ValueError(f"EG stream version {version} not supported (this reader: {VERSION})")
+        expected = HEADER_SIZE + 7 * nchunks + nload
+        if n < expected:
+            raise ValueError(f"EG stream truncated: {n} bytes, header says {expected}")
+        if n > expected:
+            raise ValueError(f"EG stream has {n - expected} trailing bytes after its payload")
+        if flags & F_CRC:
+            host = buf.cpu().numpy().copy()
+            host[40:44] = 0
+            if zlib.crc32(host) != crc:
+                raise ValueError("EG stream checksum mismatch: the bytes are corrupted")
+        if flags & ~(F_RUNS | F_AUTO | F_CRC):
+            raise ValueError(f"EG stream has unknown flags {flags:#x}")
+        runs = bool(flags & F_RUNS)
+        k: int | str | tuple[int, int, int] = k0
+        if flags & F_AUTO:
+            k = "auto"
+        elif runs:
+            k = (k0, kb, kv)
+        o = HEADER_SIZE
+        bits = buf[o : o + 4 * nchunks].clone().view(torch.int32).to(torch.int64)  # aligned copy
+        o += 4 * nchunks
+        orders = buf[o : o + 3 * nchunks].reshape(nchunks, 3)
+        o += 3 * nchunks
+        s = cls(
+            data=buf[o:],
+            numel=numel,
+            k=k,
+            runs=runs,
+            nbits=nbits,
+            chunk_size=chunk,
+            chunk_bits=bits,
+            orders=orders,
+        )
+        s.validate()
+        return s
+
+    @classmethod
+    def from_bytes(cls, b: bytes | bytearray | memoryview) -> EGStream:
+        if len(b) == 0:
+            raise ValueError("EG stream truncated: 0 bytes")
+        return cls.from_tensor(torch.frombuffer(bytearray(b), dtype=torch.uint8))
+
+    def validate(self) -> None:
+        """Check that header, tables and payload agree; ValueError naming what does not."""
+        if not 1 <= self.chunk_size <= MAX_CHUNK:
+            raise ValueError(f"EG stream chunk_size {self.chunk_size} not in [1, {MAX_CHUNK}]")
+        want = -(-self.numel // self.chunk_size)
+        if self.nchunks != want:
+            raise ValueError(
+                f"EG stream mismatch: {self.nchunks} chunks, but numel {self.numel} with "
+                f"chunk_size {self.chunk_size} needs {want}"
+            )
+        if self.data.dtype != torch.uint8 or self.data.dim() != 1:
+            raise ValueError("EG stream data must be a 1-D uint8 tensor")
+        if tuple(self.orders.shape) != (self.nchunks, 3):
+            raise ValueError(f"EG stream orders have shape {tuple(self.orders.shape)}")
+        if self.nchunks == 0:
+            if self.nbits or self.data.numel():
+                raise ValueError("EG stream mismatch: empty tensor with a nonempty payload")
+            return
+        bits = self.chunk_bits.cpu()
+        orders = self.orders.cpu().to(torch.int64)
+        sizes = torch.full((self.nchunks,), self.chunk_size, dtype=torch.int64)
+        sizes[-1] = self.numel - self.chunk_size * (self.nchunks - 1)
+        lo = torch.ones_like(sizes) if self.runs else sizes  # a zero run codes many elements
+        hi = sizes * (190 if self.runs else 63)  # runs: <= 3 codes of <= 63 bits + sign
+        if bool((bits < lo).any()) or bool((bits > hi).any()):
+            raise ValueError("EG stream mismatch: a chunk's bit count is impossible for its size")
+        if int(bits.sum()) != self.nbits:
+            raise ValueError(
+                f"EG stream mismatch: chunk bits sum to {int(bits.sum())}, header says {self.nbits}"
+            )
+        nload = int(((bits + 7) // 8).sum())
+        if nload != self.data.numel():
+            raise ValueError(
+                f"EG stream mismatch: payload is {self.data.numel()} bytes, chunks need {nload}"
+            )
+        if bool((orders > MAX_K).any()):
+            raise ValueError(f"EG stream has an Exp-Golomb order above {MAX_K}")
+        if not self.runs and bool((orders[:, 1:] != 0).any()):
+            raise ValueError("EG stream has run-mode orders in plain mode")
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    """The little-endian bytes of an int tensor (empty tensors have no viewable strides)."""
+    if t.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8, device=t.device)
+    return t.contiguous().view(torch.uint8)

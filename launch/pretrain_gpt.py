@@ -1,0 +1,543 @@
+"""3D-parallel GPT pretraining (tensor x pipeline x data) with ggspeed's GG Init, ACT and GCT.
+
+Launch it with DeepSpeed's launcher (or torchrun), Megatron-DeepSpeed style:
+
+    deepspeed --num_gpus 4 launch/pretrain_gpt.py --deepspeed_config configs/ds_tiny_cpu.json \\
+        --model-config configs/model/tiny.json --pipeline-model-parallel-size 2 \\
+        --data-path build/data/stdlib-v4096 --train-iters 200 --save build/ckpt
+
+GG Init, ACT and GCT are switched on only by the ds_config's ``"ggspeed"`` section. Every bad
+setting (world size, divisibility, missing data, batch sizes, a known DeepSpeed clipping bug) is
+reported before anything is built. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+
+class SetupError(ValueError):
+    """A bad command line or ds_config, reported before training starts."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import deepspeed
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("model and parallelism")
+    g.add_argument(
+        "--model-config", required=True, help="JSON file of GPTConfig fields (configs/model/*.json)"
+    )
+    g.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1, dest="tp")
+    g.add_argument("--pipeline-model-parallel-size", "--pp", type=int, default=1, dest="pp")
+    g.add_argument(
+        "--checkpoint-num-layers",
+        type=int,
+        default=None,
+        help="blocks per activation checkpoint (0: off); default 1 when the ds_config has an "
+        "activation_checkpointing section or ggspeed.act is enabled, else 0",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data-path", required=True, help="dataset folder from tools/preprocess_data.py"
+    )
+    g = p.add_argument_group("training")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--eval-interval", type=int, default=100)
+    g.add_argument("--eval-iters", type=int, default=2, help="global batches per validation")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="peak LR (ignored when the ds_config has an optimizer)",
+    )
+    g.add_argument("--min-lr", type=float, default=1e-4)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g = p.add_argument_group("checkpoints and logs")
+    g.add_argument("--save", default=None, help="checkpoint directory")
+    g.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints")
+    g.add_argument(
+        "--load", default=None, help="resume from the latest checkpoint in this directory"
+    )
+    g.add_argument(
+        "--log-dir",
+        default=None,
+        help="metrics.jsonl, summary.json, loss.png (default: build/runs/<time>)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0))
+    )
+    p = deepspeed.add_config_arguments(p)
+    args = p.parse_args(argv)
+    if not args.deepspeed_config:
+        p.error("--deepspeed_config is required (a ds_config.json, e.g. configs/ds_tiny_cpu.json)")
+    return args
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def load_model_config(path: str, data_vocab: int):
+    from ggspeed.models.nanogpt import GPTConfig
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise SetupError(f"--model-config {path}: {e.strerror or e}") from e
+    except json.JSONDecodeError as e:
+        raise SetupError(f"--model-config {path}: invalid JSON: {e}") from e
+    d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_comment" keys
+    d.setdefault("vocab_size", data_vocab)
+    try:
+        cfg = GPTConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise SetupError(f"--model-config {path}: {e}") from e
+    if cfg.vocab_size < data_vocab:
+        raise SetupError(
+            f"--model-config {path}: vocab_size {cfg.vocab_size} is smaller than the dataset's {data_vocab}"
+        )
+    return cfg
+
+
+def batch_triple(ds: dict[str, Any], dp: int) -> tuple[int, int, int]:
+    """(train_batch_size, micro, grad_accum) as DeepSpeed resolves them; SetupError on mismatch."""
+    tb = ds.get("train_batch_size")
+    mb = ds.get("train_micro_batch_size_per_gpu")
+    ga = ds.get("gradient_accumulation_steps")
+    given = f"train_batch_size={tb}, train_micro_batch_size_per_gpu={mb}, gradient_accumulation_steps={ga}"
+    if tb is None and mb is None:
+        raise SetupError(
+            f"ds_config: set train_batch_size or train_micro_batch_size_per_gpu ({given})"
+        )
+    if mb is None:
+        ga = ga or 1
+        if tb % (ga * dp):
+            raise SetupError(
+                f"ds_config: train_batch_size {tb} is not divisible by grad_accum {ga} x dp {dp}"
+            )
+        mb = tb // (ga * dp)
+    elif ga is None:
+        ga = 1 if tb is None else tb // (mb * dp)
+    tb = tb if tb is not None else mb * ga * dp
+    if ga < 1 or tb != mb * ga * dp:
+        raise SetupError(
+            f"ds_config batch sizes do not match the world: {given} but train_batch_size must equal "
+            f"micro x grad_accum x data-parallel size ({mb} x {ga} x {dp} = {mb * ga * dp})"
+        )
+    return tb, mb, ga
+
+
+def preflight(
+    args: argparse.Namespace, world_size: int
+) -> tuple[dict[str, Any], Any, Any, dict[str, Any]]:
+    """Every check that needs no process group: returns (ds_config, GPTConfig, Layout, data meta)."""
+    from ggspeed.config import ConfigError, from_ds_config, load_ds_config
+    from ggspeed.data.indexed import DataError, check_dataset_dir
+    from ggspeed.models.gpt3d import check_layout
+
+    try:
+        ds = load_ds_config(args.deepspeed_config)
+        from_ds_config(ds)
+        meta = check_dataset_dir(args.data_path)
+    except (ConfigError, DataError) as e:
+        raise SetupError(str(e)) from e
+    cfg = load_model_config(args.model_config, int(meta["vocab_size"]))
+    try:
+        layout = check_layout(cfg, world_size, args.tp, args.pp)
+    except ValueError as e:
+        raise SetupError(str(e)) from e
+    batch_triple(ds, layout.dp)
+    zero = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    half = any((ds.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16"))
+    if layout.pp > 1 and zero >= 2:
+        raise SetupError(
+            f"zero_optimization.stage {zero} is not supported with pipeline parallelism; use 0 or 1"
+        )
+    if layout.pp > 1 and zero == 0 and not half and ds.get("gradient_clipping", 1.0) > 0:
+        raise SetupError(
+            "pipeline parallelism with fp32 ZeRO stage 0 and gradient clipping: DeepSpeed 0.19.8 "
+            "computes a wrong global gradient norm there (gradient_clipping defaults to 1.0); use "
+            '"zero_optimization": {"stage": 1}, bf16, or "gradient_clipping": 0'
+        )
+    for name in ("train_iters", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(args, name) < 1:
+            raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.save_interval is not None and args.save is None:
+        raise SetupError("--save-interval needs --save DIR")
+    if args.load is not None and not Path(args.load, "latest").is_file():
+        raise SetupError(f"--load {args.load}: no 'latest' checkpoint file there")
+    return ds, cfg, layout, meta
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def lr_factor(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up to the peak, then cosine/linear decay to min_lr; a pure function of step."""
+    warm = args.lr_warmup_iters
+    if warm and step < warm:
+        return (step + 1) / warm
+    if args.lr_decay_style == "constant":
+        return 1.0
+    decay = max(1, (args.lr_decay_iters or args.train_iters) - warm)
+    t = min(1.0, (step - warm) / decay)
+    floor = args.min_lr / args.lr
+    shape = 0.5 * (1 + math.cos(math.pi * t)) if args.lr_decay_style == "cosine" else 1.0 - t
+    return floor + (1.0 - floor) * shape
+
+
+def make_optimizer(model: Any, args: argparse.Namespace):
+    """AdamW with no decay on biases/norms; apex's FusedAdam where it imports and a GPU is present."""
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() <= 1]
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kw = {"lr": args.lr, "betas": (args.adam_beta1, args.adam_beta2)}
+    if torch.cuda.is_available():
+        try:
+            from apex.optimizers import FusedAdam
+
+            return FusedAdam(groups, adam_w_mode=True, **kw)
+        except Exception:  # apex absent or without its CUDA extensions
+            pass
+    return torch.optim.AdamW(groups, **kw)
+
+
+class StopFlag:
+    """SIGTERM -> save a checkpoint at the next step boundary and exit (agreed on by all ranks)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    """Per-rank RNG streams (dropout), which DeepSpeed's checkpoint does not hold."""
+    import torch
+    from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
+
+    state = {"cpu": torch.get_rng_state(), "tracker": ds_ckpt.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, directory / f"rng_rank{rank:05d}.pt")
+
+
+def load_rng(directory: Path, rank: int) -> bool:
+    import torch
+    from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
+
+    path = directory / f"rng_rank{rank:05d}.pt"
+    if not path.is_file():
+        return False
+    state = torch.load(path, weights_only=False)
+    torch.set_rng_state(state["cpu"])
+    ds_ckpt.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True
+
+
+def save(engine: Any, args: argparse.Namespace, step: int, rank: int) -> Path:
+    import torch.distributed as dist
+
+    tag = f"iter_{step:07d}"
+    engine.save_checkpoint(args.save, tag=tag, client_state={"iteration": step})
+    path = Path(args.save) / tag
+    save_rng(path, rank)
+    dist.barrier()
+    return path
+
+
+def plot(metrics: list[dict[str, Any]], out: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    valid = [(m["step"], m["valid_loss"]) for m in metrics if "valid_loss" in m]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train; returns the summary dict (also written to <log-dir>/summary.json on rank 0)."""
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ds, cfg, layout, _ = preflight(args, world)
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    import ggspeed
+    from ggspeed.config import from_ds_config
+    from ggspeed.data.indexed import (
+        BatchPlan,
+        SequenceSampler,
+        TokenStream,
+        TrainBatches,
+        eval_batches,
+    )
+    from ggspeed.models.gpt3d import build_pipeline_model, init_parallel
+
+    gcfg = from_ds_config(ds)
+    init_parallel(cfg, args.tp, args.pp, seed=args.seed)
+    rank = dist.get_rank()
+    ckpt_layers = args.checkpoint_num_layers
+    if ckpt_layers is None:
+        ckpt_layers = 1 if ("activation_checkpointing" in ds or gcfg.act.enabled) else 0
+    if "activation_checkpointing" in ds:
+        deepspeed.checkpointing.configure(ps, deepspeed_config=args.deepspeed_config)
+    ckpt_func = None
+    if gcfg.act.enabled:
+        from ggspeed.act import checkpoint as act_checkpoint
+
+        ckpt_func = act_checkpoint
+    model = build_pipeline_model(
+        cfg,
+        layout,
+        seed=args.seed,
+        activation_checkpoint_interval=ckpt_layers,
+        activation_checkpoint_func=ckpt_func,
+        gg_init=gcfg.gg_init,
+    )
+    kwargs: dict[str, Any] = {}
+    if "optimizer" not in ds:
+        kwargs["optimizer"] = make_optimizer(model, args)
+    else:
+        kwargs["model_parameters"] = [p for p in model.parameters() if p.requires_grad]
+    if "scheduler" not in ds:
+        kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, args)
+        )
+    engine, _, _, _ = ggspeed.initialize(args=args, model=model, **kwargs)
+
+    start = 0
+    if args.load:
+        tag = (Path(args.load) / "latest").read_text().strip()
+        path, client = engine.load_checkpoint(args.load, tag=tag)
+        if path is None:
+            raise SetupError(f"--load {args.load}: DeepSpeed found no checkpoint {tag!r} to load")
+        start = int(client["iteration"])
+        if not load_rng(Path(args.load) / tag, rank) and rank == 0:
+            print(
+                f"[ggspeed] {args.load}/{tag} has no RNG states: dropout masks will differ",
+                flush=True,
+            )
+    plan = BatchPlan(
+        engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(), layout.dp
+    )
+    dp_rank = engine.grid.get_data_parallel_id()
+    data = Path(args.data_path)
+    train_sampler = SequenceSampler(TokenStream(data / "train"), cfg.seq_len, seed=args.seed)
+    valid_sampler = SequenceSampler(
+        TokenStream(data / "valid"), cfg.seq_len, seed=args.seed, shuffle=False
+    )
+    batches = TrainBatches(train_sampler, plan, dp_rank, start_step=start)
+    tokens_per_step = plan.global_batch * cfg.seq_len
+
+    log_dir = Path(args.log_dir or ROOT / "build" / "runs" / time.strftime("%Y%m%d-%H%M%S"))
+    metrics: list[dict[str, Any]] = []
+    bar = None
+    if rank == 0:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        mode = "a" if args.load else "w"
+        metrics_file = open(log_dir / "metrics.jsonl", mode)  # noqa: SIM115 (closed below)
+        print(
+            f"[ggspeed] layout tp={layout.tp} pp={layout.pp} dp={layout.dp}; global batch "
+            f"{plan.global_batch} x {cfg.seq_len} tokens; steps {start}..{args.train_iters}; "
+            f"ggspeed: gg_init={gcfg.gg_init.enabled} act={gcfg.act.enabled} gct={gcfg.gct.enabled}",
+            flush=True,
+        )
+        if not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=args.train_iters,
+                initial=start,
+                desc="train",
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
+
+    def record(entry: dict[str, Any]) -> None:
+        metrics.append(entry)
+        if rank == 0:
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
+        events = [
+            (f"Train/{k}" if k != "valid_loss" else "Valid/loss", float(v), entry["step"])
+            for k, v in entry.items()
+            if k != "step" and isinstance(v, int | float)
+        ]
+        if engine.monitor.enabled and events:
+            engine.monitor.write_events(events)
+
+    def evaluate(step: int) -> float:
+        losses = []
+        it = eval_batches(valid_sampler, plan, dp_rank, args.eval_iters)
+        for _ in range(args.eval_iters):
+            losses.append(float(engine.eval_batch(it)))
+        loss = sum(losses) / len(losses)
+        record({"step": step, "valid_loss": loss})
+        return loss
+
+    stop = StopFlag()
+    train_time, trained_steps, last_loss, valid_loss = 0.0, 0, float("nan"), float("nan")
+    last_ckpt: Path | None = None
+    step = start
+    while step < args.train_iters:
+        t0 = time.perf_counter()
+        loss = float(engine.train_batch(batches))
+        dt = time.perf_counter() - t0
+        step += 1
+        if step > start + 1:  # the first step pays one-time set-up
+            train_time += dt
+            trained_steps += 1
+        last_loss = loss
+        entry = {
+            "step": step,
+            "loss": loss,
+            "lr": float(engine.get_lr()[0]),
+            "tokens_per_s": tokens_per_step / dt,
+        }
+        entry.update({k: float(v) for k, v in engine.ggspeed.scalars().items()})
+        if step % args.log_interval == 0 or step == args.train_iters:
+            record(entry)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{loss:.3f}",
+                    tok_s=f"{entry['tokens_per_s']:.0f}",
+                    lr=f"{entry['lr']:.2e}",
+                    gct_bits=f"{entry.get('gct/bits_per_element', float('nan')):.2f}",
+                    act_bits=f"{entry.get('act/bits_per_element', float('nan')):.2f}",
+                    refresh=False,
+                )
+            elif rank == 0:
+                print(json.dumps(entry), flush=True)
+        if bar is not None:
+            bar.update(1)
+        if step % args.eval_interval == 0 or step == args.train_iters:
+            valid_loss = evaluate(step)
+        if args.save and args.save_interval and step % args.save_interval == 0:
+            last_ckpt = save(engine, args, step, rank)
+        if stop.agreed():
+            if args.save:
+                last_ckpt = save(engine, args, step, rank)
+            if rank == 0:
+                print(
+                    f"[ggspeed] SIGTERM: stopped at step {step}, checkpoint {last_ckpt}", flush=True
+                )
+            break
+    if args.save and (last_ckpt is None or not str(last_ckpt).endswith(f"{step:07d}")):
+        last_ckpt = save(engine, args, step, rank)
+    if bar is not None:
+        bar.close()
+
+    # The last log interval's scalars; a run shorter than ggspeed.log_interval collects them now
+    # (a collective: every rank takes the same branch, their step counts are equal).
+    scal = engine.ggspeed.scalars()
+    if not scal and engine.ggspeed.components:
+        scal = engine.ggspeed.collect()
+    scal = {k: float(v) for k, v in scal.items()}
+    summary = {
+        "steps": step,
+        "final_train_loss": last_loss,
+        "final_valid_loss": valid_loss,
+        "tokens_per_s": tokens_per_step * trained_steps / train_time
+        if train_time > 0
+        else float("nan"),
+        "gct_bits_per_element": scal.get("gct/bits_per_element"),
+        "act_bits_per_element": scal.get("act/bits_per_element"),
+        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+        "log_dir": str(log_dir),
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "losses": [m["loss"] for m in metrics if "loss" in m],
+    }
+    if rank == 0:
+        metrics_file.close()
+        summary["plot"] = str(plot(metrics, log_dir / "loss.png"))
+        (log_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print_summary(summary)
+    ps.destroy_model_parallel()
+    return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    def fmt(v: Any) -> str:
+        return "n/a (feature off)" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = [
+        "=" * 64,
+        f"ggspeed pretraining finished: {s['steps']} steps, layout {s['layout']}",
+        f"  final train loss       {fmt(s['final_train_loss'])}",
+        f"  final validation loss  {fmt(s['final_valid_loss'])}",
+        f"  throughput             {fmt(s['tokens_per_s'])} tokens/s",
+        f"  GCT bits per element   {fmt(s['gct_bits_per_element'])}",
+        f"  ACT bits per element   {fmt(s['act_bits_per_element'])}",
+        f"  logs                   {s['log_dir']}/metrics.jsonl (summary.json)",
+        f"  plot                   {s.get('plot')}",
+        f"  checkpoint             {s['checkpoint']}",
+        "=" * 64,
+    ]
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SetupError as e:
+        print(f"pretrain_gpt.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

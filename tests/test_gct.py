@@ -1,0 +1,144 @@
+"""GCT single-process checks: config, DeepSpeed config refusals, RDOQ, state, the constraint."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from ggspeed import codec
+from ggspeed.config import ConfigError, GCTConfig, from_ds_config
+from ggspeed.gct import (
+    GCTState,
+    apply_constraint,
+    check_ds_config,
+    eg_bits,
+    exact_constraint_term,
+    quantize_rdoq,
+    quantize_round,
+    secant_term,
+)
+
+
+def _gct(**kw) -> GCTConfig:
+    return from_ds_config({"ggspeed": {"gct": {"enabled": True, **kw}}}).gct
+
+
+def test_config_defaults_and_bad_values() -> None:
+    cfg = _gct()
+    assert cfg.step_mode == "relative" and cfg.error_feedback and cfg.zero_runs
+    assert _gct(eg_order="auto").eg_order == "auto"
+    bad = [
+        ({"quant_step": 0}, "ggspeed.gct.quant_step"),
+        ({"step_mode": "rel"}, "ggspeed.gct.step_mode"),
+        ({"rdoq_mu": -1}, "ggspeed.gct.rdoq_mu"),
+        ({"eg_order": 16}, "eg_order"),
+        ({"eg_order": "fast"}, "ggspeed.gct.eg_order"),
+        ({"constraint_warmup_steps": 10}, "constraint_lambda"),
+        ({"quant_stp": 1.0}, "did you mean 'quant_step'"),
+    ]
+    for kw, needle in bad:
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+            _gct(**kw)
+
+
+def test_check_ds_config_refuses_what_it_cannot_serve() -> None:
+    cfg = _gct()
+    check_ds_config({"zero_optimization": {"stage": 2}}, cfg)
+    check_ds_config({"zero_optimization": {"stage": 3}}, GCTConfig())  # disabled: no opinion
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage: got 3"):
+        check_ds_config({"zero_optimization": {"stage": 3}}, cfg)
+    with pytest.raises(ConfigError, match=r"zero_optimization\.offload_optimizer"):
+        check_ds_config(
+            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, cfg
+        )
+    with pytest.raises(ConfigError, match="sequence_parallel_size"):
+        check_ds_config({"sequence_parallel_size": 2}, cfg)
+
+
+def test_eg_bits_matches_codec() -> None:
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(5000, generator=g) * 3).round().to(torch.int32)
+    for k in (0, 2):
+        assert int(eg_bits(q, k).sum()) == codec.eg_code_length(q, k=k, runs=False)
+
+
+def test_rdoq_trades_error_for_bits() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((20000,)) * 0.01
+    step = 0.01
+    q0 = quantize_rdoq(x, step, 0.0)
+    assert torch.equal(q0, quantize_round(x, step))
+    prev_bits, prev_err = None, None
+    for mu in (0.0, 0.05, 0.2):
+        q = quantize_rdoq(x, step, mu, runs=True)
+        err = (x - q * step).abs()
+        assert float(err.max()) < step * (1 + 1e-5)  # floor or ceil only: error below a step
+        bits = codec.eg_code_length(q, k=0, runs=True)
+        mse = float(err.square().mean())
+        if prev_bits is not None:
+            assert bits < prev_bits and mse > prev_err
+        prev_bits, prev_err = bits, mse
+    del g
+
+
+def test_state_round_trip_and_pickle() -> None:
+    s = GCTState(_gct(constraint_lambda=0.1, constraint_warmup_steps=10))
+    s.set_residual("e0", torch.arange(4.0))
+    s.constraint_prev["g0.p0"] = (torch.ones(2), torch.zeros(2))
+    s.on_step(5)
+    assert s.constraint_lambda == pytest.approx(0.05)
+    s.record(calls=1, bytes_sent=100, wire_elements=400.0)
+    t = GCTState(s.cfg)
+    t.load_state_dict(pickle.loads(pickle.dumps(s.state_dict())))
+    assert torch.equal(t.residuals["e0"], torch.arange(4.0)) and t.global_step == 5
+    assert t.stats.bits_per_element == pytest.approx(2.0)
+    assert s.scalars()["bits_per_element"] == pytest.approx(2.0)
+    assert s.scalars()["bytes_sent"] == 0.0  # a window since the last call
+    assert pickle.loads(pickle.dumps(s)).residuals.keys() == {"e0"}
+    assert s.residual("e0", torch.zeros(3)) is None  # size changed: dropped, not misapplied
+    with pytest.raises(ValueError, match="version"):
+        t.load_state_dict({"version": 7})
+
+
+def test_secant_guard_and_clip() -> None:
+    p, g = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, -1.0, 1.0])
+    pp, pg = torch.tensor([0.0, 2.0, 2.9999]), torch.tensor([0.0, 0.0, 0.0])
+    t = secant_term(p, g, pp, pg, eps=1e-12, clip=100.0)
+    assert t[0] == 1.0  # h = 1/1, sign +
+    assert t[1] == 0.0  # parameter did not move: guarded
+    assert t[2] == 100.0  # h = 1e4, clipped
+
+
+def test_secant_matches_exact_hvp_direction() -> None:
+    """On a small regression model the secant term points where the exact H sign(g) does.
+
+    The diagonal secant sees only the diagonal of H (plus the coupling along the last step), so
+    agreement is close where H is near-diagonal, as here; it is weaker on coupled problems.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(4096, 16)
+    y = x @ torch.randn(16, 1) + 0.1 * torch.randn(4096, 1)
+    model = torch.nn.Linear(16, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    state = GCTState(_gct(constraint_lambda=1.0))
+    named = [(f"p{i}", p) for i, p in enumerate(model.parameters())]
+    cos = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        grads, hv = exact_constraint_term(loss, list(model.parameters()))
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        raw = [p.grad.clone() for p in model.parameters()]
+        apply_constraint(state, named)
+        approx = torch.cat([(p.grad - r).flatten() for p, r in zip(model.parameters(), raw)])
+        if approx.abs().sum() > 0:
+            exact = torch.cat([h.flatten() for h in hv])
+            cos.append(float(torch.nn.functional.cosine_similarity(approx, exact, dim=0)))
+        for p, r in zip(model.parameters(), raw):
+            p.grad = r  # step on the task gradient so the secant sees the plain trajectory
+        opt.step()
+    assert len(cos) == 7 and min(cos) > 0.5 and sorted(cos)[3] > 0.9, cos
+    assert state.scalars()["constraint_rel"] > 0

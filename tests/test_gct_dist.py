@@ -1,0 +1,148 @@
+"""The compressed all-reduce and the DDP hook on real gloo processes (4 ranks, 2-rank subgroups)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist import run_ranks
+
+# One numba thread per rank: ranks share the cores (the codec's kernels are parallel otherwise).
+ENV = {"NUMBA_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.dist
+
+
+def _grad_like(seed: int, n: int) -> torch.Tensor:
+    """Heavy-tailed, gradient-like values (Laplacian scale 1e-3), different on each rank."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, generator=g, dtype=torch.float64) - 0.5
+    return (-1e-3 * torch.sign(u) * torch.log1p(-2 * u.abs())).float()
+
+
+def _collective_checks() -> dict:
+    import torch.distributed as dist
+
+    from ggspeed.config import GCTConfig
+    from ggspeed.gct import GCTState, compressed_all_reduce, gct_hook
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: dict = {"rank": rank}
+    # 1. Results identical on every rank; error vs the exact average within half a step.
+    n = 10007
+    for name, cfg, bound in [
+        ("round", GCTConfig(enabled=True, error_feedback=False, quant_step=0.5), 0.5),
+        ("rdoq", GCTConfig(enabled=True, error_feedback=False, quant_step=0.5, rdoq_mu=0.1), 1.0),
+        (
+            "abs_auto",
+            GCTConfig(
+                enabled=True,
+                step_mode="absolute",
+                quant_step=3e-4,
+                eg_order="auto",
+                error_feedback=False,
+            ),
+            0.5,
+        ),
+    ]:
+        state = GCTState(cfg)
+        x = _grad_like(rank, n)
+        exact = x.clone()
+        dist.all_reduce(exact)
+        exact /= world
+        y = compressed_all_reduce(x.clone(), state)
+        step = state.stats.last_step
+        out[name] = {
+            "result": y,
+            "max_err_steps": float((y - exact).abs().max()) / step,
+            "bound": bound,
+            "bits": state.stats.bits_per_element,
+            "rel_err": float((y - exact).norm() / exact.norm()),
+        }
+    # 2. bf16 buckets and a 2-rank subgroup (ranks {0,1} and {2,3}); sums instead of averages.
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    sub = groups[rank // 2]
+    state = GCTState(GCTConfig(enabled=True, quant_step=0.25, error_feedback=False))
+    xb = _grad_like(100 + rank, 999).to(torch.bfloat16)
+    exact = xb.float()
+    dist.all_reduce(exact, group=sub)
+    yb = compressed_all_reduce(xb.clone(), state, sub, average=False)
+    out["sub"] = {
+        "result": yb,
+        "dtype": str(yb.dtype),
+        "max_err_steps": float((yb.float() - exact).abs().max()) / state.stats.last_step,
+    }
+    # 3. Error feedback over many steps: the accumulated output tracks the accumulated exact
+    #    average (bounded), while without it a small bias is lost entirely (drift).
+    drift = {}
+    for ef in (True, False):
+        state = GCTState(
+            GCTConfig(enabled=True, step_mode="absolute", quant_step=1e-2, error_feedback=ef)
+        )
+        acc = torch.zeros(512)
+        acc_exact = torch.zeros(512)
+        for t in range(30):
+            x = 1e-3 + _grad_like(1000 * t + rank, 512)  # bias well below the step
+            e = x.clone()
+            dist.all_reduce(e)
+            acc_exact += e / world
+            acc += compressed_all_reduce(x, state, key="b")
+        drift[ef] = float((acc - acc_exact).abs().max()) / 1e-2
+    out["drift_ef"], out["drift_no_ef"] = drift[True], drift[False]
+    # 4. Non-finite: one rank's NaN reaches every rank; residuals are left as they were.
+    state = GCTState(GCTConfig(enabled=True))
+    compressed_all_reduce(_grad_like(rank, 100), state, key="b")
+    before = state.residuals["b"].clone()
+    x = _grad_like(7 + rank, 100)
+    if rank == 1:
+        x[3] = float("inf")
+    y = compressed_all_reduce(x, state, key="b")
+    out["nonfinite_all_nan"] = bool(torch.isnan(y).all())
+    out["residual_kept"] = bool(torch.equal(before, state.residuals["b"]))
+    # 5. The DDP comm hook: replicas stay identical while training.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    hstate = GCTState(GCTConfig(enabled=True, quant_step=1.0, rdoq_mu=0.05))
+    ddp.register_comm_hook(hstate, gct_hook)
+    opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(rank)
+    w = torch.randn(32, 1, generator=torch.Generator().manual_seed(42))
+    losses = []
+    for _ in range(25):
+        xb = torch.randn(64, 32, generator=g)
+        loss = torch.nn.functional.mse_loss(ddp(xb), xb @ w)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    out["ddp_params"] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    out["ddp_loss"] = (sum(losses[:5]) / 5, sum(losses[-5:]) / 5)
+    out["ddp_bits"] = hstate.stats.bits_per_element
+    out["ddp_calls"] = hstate.stats.calls
+    return out
+
+
+def test_compressed_all_reduce_4_ranks() -> None:
+    res = run_ranks(_collective_checks, 4, timeout=240, env=ENV)
+    for name in ("round", "rdoq", "abs_auto"):
+        for r in res[1:]:
+            assert torch.equal(r[name]["result"], res[0][name]["result"]), name
+        for r in res:
+            assert r[name]["max_err_steps"] <= r[name]["bound"] * 1.0001, (name, r[name])
+            assert 0 < r[name]["bits"] < 8, (name, r[name]["bits"])
+    assert res[0]["rdoq"]["bits"] < res[0]["round"]["bits"]
+    assert torch.equal(res[0]["sub"]["result"], res[1]["sub"]["result"])
+    assert torch.equal(res[2]["sub"]["result"], res[3]["sub"]["result"])
+    assert not torch.equal(res[0]["sub"]["result"], res[2]["sub"]["result"])
+    for r in res:
+        assert r["sub"]["dtype"] == "torch.bfloat16"
+        # sum of 2 ranks: 2 x half a step, plus bf16 rounding of the result
+        assert r["sub"]["max_err_steps"] <= 1.0 + 0.05
+        assert r["drift_ef"] <= 0.5 + 1e-3, r["drift_ef"]  # bounded by the residual
+        assert r["drift_no_ef"] > 10 * r["drift_ef"] and r["drift_no_ef"] > 3
+        assert r["nonfinite_all_nan"] and r["residual_kept"]
+        assert torch.equal(r["ddp_params"], res[0]["ddp_params"])
+        first, last = r["ddp_loss"]
+        assert last < 0.5 * first, r["ddp_loss"]
+        assert r["ddp_calls"] >= 25 and 0 < r["ddp_bits"] < 8

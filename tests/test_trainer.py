@@ -1,0 +1,187 @@
+"""launch/pretrain_gpt.py: checks before training, LR schedule, and exact resume (2N == N + N)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.dist import run_ranks
+from tests.test_trainer_ranks import ROOT, load_trainer, run_trainer, run_trainer_sigterm
+
+MODEL = {"seq_len": 32, "n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64, "dropout": 0.1}
+
+
+def ds_config(**over):
+    cfg = {
+        "train_batch_size": 8,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 1},
+        "steps_per_print": 10**6,
+        "ggspeed": {
+            "log_interval": 2,
+            "gg_init": {"enabled": True, "shape": 1.0},
+            "act": {"enabled": True, "lambda_target": 1e-3, "warmup_steps": 2, "compress": True},
+            "gct": {"enabled": True, "error_feedback": True},
+        },
+    }
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tests.test_data import _tool
+
+    root = tmp_path_factory.mktemp("trainer")
+    _tool().prepare(root / "data", vocab_size=512, max_files=20, valid_fraction=0.2)
+    (root / "model.json").write_text(json.dumps(MODEL))
+    return root
+
+
+def write_ds(root: Path, name: str, **over) -> str:
+    path = root / name
+    path.write_text(json.dumps(ds_config(**over)))
+    return str(path)
+
+
+def argv(root: Path, ds: str, *extra: str) -> list[str]:
+    return [
+        "--deepspeed_config", ds,
+        "--model-config", str(root / "model.json"),
+        "--data-path", str(root / "data"),
+        "--train-iters", "6",
+        "--eval-interval", "3",
+        "--eval-iters", "1",
+        "--lr", "3e-3",
+        "--lr-warmup-iters", "2",
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def preflight_error(root: Path, world: int, ds: str, *extra: str) -> str:
+    trainer = load_trainer()
+    args = trainer.parse_args(argv(root, ds, *extra))
+    with pytest.raises(trainer.SetupError) as e:
+        trainer.preflight(args, world)
+    return str(e.value)
+
+
+def test_bad_setups_fail_before_training(setup):
+    root = setup
+    ds = write_ds(root, "ok.json")
+    assert "world size 3 is not divisible by tensor x pipeline" in preflight_error(
+        root, 3, ds, "--tp", "2"
+    )
+    assert "n_head=2 is not divisible by tensor-model-parallel size 4" in preflight_error(
+        root, 4, ds, "--tp", "4"
+    )
+    assert "n_layer=2 is not divisible by pipeline-model-parallel size 4" in preflight_error(
+        root, 4, ds, "--pp", "4"
+    )
+    msg = preflight_error(root, 2, ds, "--data-path", str(root / "nowhere"))
+    assert "--data-path" in msg and "nowhere" in msg
+    bad = write_ds(root, "batch.json", train_batch_size=10)
+    assert (
+        "train_batch_size must equal micro x grad_accum x data-parallel size (2 x 2 x 2 = 8)"
+        in preflight_error(root, 2, bad)
+    )
+    z0 = write_ds(root, "z0.json", zero_optimization={"stage": 0})
+    assert "wrong global gradient norm" in preflight_error(root, 4, z0, "--pp", "2")
+    typo = write_ds(root, "typo.json", ggspeed={"gct": {"enabld": True}})
+    assert "ggspeed.gct.enabld: unknown key" in preflight_error(root, 2, typo)
+    # fine layouts pass
+    trainer = load_trainer()
+    _, cfg, layout, meta = trainer.preflight(trainer.parse_args(argv(root, ds, "--pp", "2")), 4)
+    assert (layout.tp, layout.pp, layout.dp) == (1, 2, 2) and cfg.vocab_size == meta["vocab_size"]
+
+
+def test_script_reports_setup_errors(setup):
+    root = setup
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "pretrain_gpt.py"),
+            *argv(root, write_ds(root, "ok.json"), "--data-path", "/nonexistent"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "--data-path /nonexistent: no such directory" in r.stderr, (
+        r.stderr[-2000:]
+    )
+
+
+def test_lr_schedule_warms_up_then_decays():
+    trainer = load_trainer()
+    args = trainer.parse_args(
+        ["--deepspeed_config", "x", "--model-config", "m", "--data-path", "d", "--train-iters", "100",
+         "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "10"]
+    )  # fmt: skip
+    f = [trainer.lr_factor(s, args) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))
+    assert f[100] == pytest.approx(0.1)
+
+
+@pytest.mark.dist
+def test_resume_reproduces_the_straight_run(setup):
+    """6 steps straight (checkpoint at 3) vs the checkpoint at 3 resumed for 3 steps: same losses.
+
+    Dropout is on and every ggspeed feature too, so this covers the data order, the LR schedule,
+    the optimizer, RNG streams and ggspeed's per-rank state (GCT error feedback, ACT schedule).
+    """
+    root = setup
+    ds = write_ds(root, "ok.json")
+    straight = run_ranks(
+        run_trainer, 2,
+        argv(root, ds, "--save", str(root / "ckA"), "--save-interval", "3", "--log-dir", str(root / "logA")),
+        init_pg=False, timeout=600,
+    )[0]  # fmt: skip
+    assert (root / "ckA" / "iter_0000003").is_dir() and (root / "ckA" / "iter_0000006").is_dir()
+    assert (
+        straight["gct_bits_per_element"] is not None
+        and straight["act_bits_per_element"] is not None
+    )
+    (root / "ckA" / "latest").write_text("iter_0000003")  # resume from the middle checkpoint
+    resumed = run_ranks(
+        run_trainer, 2,
+        argv(root, ds, "--load", str(root / "ckA"), "--save", str(root / "ckB"), "--log-dir", str(root / "logB")),
+        init_pg=False, timeout=600,
+    )[0]  # fmt: skip
+    assert len(straight["losses"]) == 6 and len(resumed["losses"]) == 3
+    assert resumed["losses"] == pytest.approx(straight["losses"][3:], abs=1e-6)
+    assert resumed["final_valid_loss"] == pytest.approx(straight["final_valid_loss"], abs=1e-6)
+
+    def lrs(log):
+        return [
+            m["lr"]
+            for m in map(json.loads, (root / log / "metrics.jsonl").read_text().splitlines())
+            if "lr" in m
+        ]
+
+    assert lrs("logB") == pytest.approx(lrs("logA")[3:], rel=1e-9)
+    assert (root / "logA" / "summary.json").is_file()
+
+
+@pytest.mark.dist
+def test_sigterm_saves_a_checkpoint_and_stops(setup):
+    """SIGTERM reaching one rank stops every rank at the same step, after a checkpoint."""
+    root = setup
+    ds = write_ds(root, "plain.json", ggspeed={})
+    args = argv(root, ds, "--save", str(root / "ckT"), "--log-dir", str(root / "logT"))
+    args[args.index("--train-iters") + 1] = "1000"
+    out = run_ranks(run_trainer_sigterm, 2, args, str(root / "logT"), 2, init_pg=False, timeout=600)
+    steps = {r["steps"] for r in out}
+    assert len(steps) == 1 and 2 <= steps.pop() < 1000
+    tag = f"iter_{out[0]['steps']:07d}"
+    assert out[0]["checkpoint"].endswith(tag) and (root / "ckT" / tag).is_dir()
+    assert (root / "ckT" / "latest").read_text().strip() == tag
