@@ -25,8 +25,8 @@ deepspeed --num_gpus 4 --master_port "${MASTER_PORT:-29517}" launch/pretrain_gpt
     --model-config configs/model/tiny.json \
     --pipeline-model-parallel-size 2 \
     --data-path "$DATA" \
-    --train-iters "${DEMO_ITERS:-100}" \
-    --eval-interval 25 --eval-iters 2 \
+    --train-iters "${DEMO_ITERS:-60}" \
+    --eval-interval 20 --eval-iters 2 \
     --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 10 \
-    --save "$RUN/checkpoints" --save-interval 50 \
+    --save "$RUN/checkpoints" --save-interval 30 \
     --log-dir "$RUN" | { grep -v -E "^\[20[0-9-]+ " || true; }  # DeepSpeed's INFO lines; the bar is on stderr

@@ -417,10 +417,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if rank == 0:
             metrics_file.write(json.dumps(entry) + "\n")
             metrics_file.flush()
+        # ggspeed's own scalars ("gct/...", "act/...") reach the monitor from ggspeed.initialize
+        # as ggspeed/<feature>/<key>; the trainer adds loss, lr, tokens/s and validation loss.
         events = [
             (f"Train/{k}" if k != "valid_loss" else "Valid/loss", float(v), entry["step"])
             for k, v in entry.items()
-            if k != "step" and isinstance(v, int | float)
+            if k != "step" and "/" not in k and isinstance(v, int | float)
         ]
         if engine.monitor.enabled and events:
             engine.monitor.write_events(events)

@@ -216,6 +216,8 @@ def test_config_errors():
     bad({"lamda_target": 1}, r"did you mean 'lambda_target'")
     bad({"blockwise": True}, r"ggspeed\.act\.num_blocks")
     bad({"rel_step": 0.1, "bits_target": 3}, r"rel_step and ggspeed\.act\.bits_target")
+    bad({"bits_target": 3, "abs_step": 0.1}, r"bits_target and ggspeed\.act\.abs_step")
+    bad({"abs_step": 0}, r"ggspeed\.act\.abs_step")
     bad({"eg_order": 99}, r"ggspeed\.act\.eg_order")
     bad({"warmup_steps": -2}, r"ggspeed\.act\.warmup_steps")
     cfg = from_ds_config({"ggspeed": {"act": {"enabled": True, "compress": True}}}).act
@@ -321,3 +323,40 @@ def test_shape_refresh_and_bits_target(active):
     act.checkpoint(lin, b).sum().backward()
     assert st.shapes[0] == pytest.approx(2.0, abs=0.2)
     assert st.state_dict()["shapes"] == st.shapes
+
+
+def test_abs_step_storage_and_out_of_range_fallback(active):
+    """abs_step: one fixed step for every tensor; values the codec cannot carry at that step
+    are held as they are instead of failing the training step."""
+    from ggspeed import codec
+
+    cfg = ACTConfig(enabled=True, lambda_target=0.0, compress=True, abs_step=0.05, rate="l1")
+    st = active(act.ACTState(cfg))
+    lin = nn.Linear(16, 16)
+    seen: list[torch.Tensor] = []
+
+    def f(x):
+        seen.append(x.detach().clone())
+        return lin(x)
+
+    a = torch.randn(32, 16, requires_grad=True)
+    act.checkpoint(f, a).sum().backward()
+    assert torch.equal(seen[1], codec.dequantize(codec.quantize(a.detach(), 0.05), 0.05))
+    assert st.scalars()["ratio_vs_bf16"] > 1.5
+    huge = (torch.randn(32, 16) * 1e9).requires_grad_(True)
+    seen.clear()
+    act.checkpoint(f, huge).sum().backward()
+    assert torch.equal(seen[1], huge.detach())
+    assert "bits_per_element" not in st.scalars()
+
+
+def test_state_dict_round_trip():
+    cfg = ACTConfig(enabled=True, lambda_target=1.0, warmup_steps=10, bits_target=2.0)
+    st = act.ACTState(cfg)
+    st.shapes, st.rel_steps = {0: 0.9, 3: 1.4}, {0: 0.7}
+    st.on_step(4)
+    fresh = act.ACTState(cfg)
+    fresh.load_state_dict(st.state_dict())
+    assert (fresh.step, fresh.shapes, fresh.rel_steps) == (4, st.shapes, st.rel_steps)
+    assert fresh.lambda_for(0) == pytest.approx(0.4) and not fresh.wants_fit(3)
+    assert fresh.rel_step_for(0) == 0.7

@@ -82,7 +82,7 @@ def _collective_checks() -> dict:
         acc = torch.zeros(512)
         acc_exact = torch.zeros(512)
         for t in range(30):
-            x = 1e-3 + _grad_like(1000 * t + rank, 512)  # bias well below the step
+            x = 2e-3 + _grad_like(1000 * t + rank, 512)  # bias well below the step
             e = x.clone()
             dist.all_reduce(e)
             acc_exact += e / world
@@ -140,7 +140,7 @@ def test_compressed_all_reduce_4_ranks() -> None:
         # sum of 2 ranks: 2 x half a step, plus bf16 rounding of the result
         assert r["sub"]["max_err_steps"] <= 1.0 + 0.05
         assert r["drift_ef"] <= 0.5 + 1e-3, r["drift_ef"]  # bounded by the residual
-        assert r["drift_no_ef"] > 10 * r["drift_ef"] and r["drift_no_ef"] > 3
+        assert r["drift_no_ef"] > 8 * r["drift_ef"] and r["drift_no_ef"] > 4
         assert r["nonfinite_all_nan"] and r["residual_kept"]
         assert torch.equal(r["ddp_params"], res[0]["ddp_params"])
         first, last = r["ddp_loss"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,12 +15,15 @@ from ggspeed.config import GGInitConfig
 from ggspeed.init import megatron_init_methods
 from tests.dist import run_ranks
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import fit_gg
+
 pytestmark = pytest.mark.dist
 
 HIDDEN, FFN, VOCAB, LAYERS, SEED = 64, 256, 512, 3, 1234
 
 
-def megatron_shards(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+def megatron_shards(cfg_dict: dict[str, Any], ds_folder: str) -> dict[str, Any]:
     """(On each rank.) Column/RowParallelLinear and VocabParallelEmbedding, GG Init, CPU, TP 2."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import (
@@ -85,6 +90,35 @@ def megatron_shards(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         ps.destroy_model_parallel()
 
 
+def save_deepspeed_checkpoint(folder: str) -> dict[str, torch.Tensor]:
+    """(On each rank, same launch.) A real DeepSpeed engine saves a checkpoint for fit_gg."""
+    import deepspeed
+
+    from ggspeed.init import apply_gg_init
+    from ggspeed.models.nanogpt import GPT, GPTConfig
+
+    deepspeed.init_distributed("gloo")  # reuses the launch's process group
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, seq_len=16, n_layer=2, n_head=2, d_model=32))
+    apply_gg_init(model, {"enabled": True, "shape": 0.6, "seed": 3})
+    config = {
+        "train_batch_size": 2,
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=config
+    )
+    engine.save_checkpoint(folder, tag="step0")
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def megatron_and_deepspeed(cfg_dict: dict[str, Any], ds_folder: str) -> dict[str, Any]:
+    """One launch for both multi-rank checks (each spawn costs seconds of imports)."""
+    out = megatron_shards(cfg_dict, ds_folder)
+    out["ds_state"] = save_deepspeed_checkpoint(ds_folder)
+    return out
+
+
 CFG = {"enabled": True, "shape": 0.7, "std": 0.05, "embedding_std": 0.1}
 
 
@@ -101,8 +135,10 @@ def _unsharded() -> dict[str, torch.Tensor]:
     return {"col": col, "row": row, "emb": emb}
 
 
-def test_tp_shards_concatenate_to_the_unsharded_init() -> None:
-    results = sorted(run_ranks(megatron_shards, 2, CFG, timeout=240), key=lambda r: r["rank"])
+def test_tp_shards_concatenate_to_the_unsharded_init(tmp_path: Path) -> None:
+    ds = tmp_path / "ds"
+    results = run_ranks(megatron_and_deepspeed, 2, CFG, str(ds), timeout=300)
+    results = sorted(results, key=lambda r: r["rank"])
     ref = _unsharded()
     assert results[0]["col"].shape == (FFN // 2, HIDDEN)  # real shards, not replicas
     assert results[0]["row"].shape == (HIDDEN, FFN // 2)
@@ -124,6 +160,9 @@ def test_tp_shards_concatenate_to_the_unsharded_init() -> None:
     assert float(col.std()) == pytest.approx(math.sqrt(2 / HIDDEN), rel=0.05)
     assert float(row.std()) == pytest.approx(math.sqrt(2 / FFN), rel=0.05)
     assert not torch.equal(results[0]["applied"][1], results[1]["applied"][1])
+    # tools/fit_gg.py reads the real DeepSpeed checkpoint folder the same launch saved.
+    got = fit_gg.load_tensors(ds)
+    assert torch.equal(got["blocks.0.qkv.weight"], results[0]["ds_state"]["blocks.0.qkv.weight"])
 
 
 def test_per_shard_path_draws_independent_shards_with_the_right_std() -> None:
@@ -160,15 +199,15 @@ def test_fan_rules_need_hidden_size_and_shape_two_is_megatrons_normal() -> None:
     )
     assert init.std == pytest.approx(math.sqrt(2 / HIDDEN))
     assert out_init.std == pytest.approx(math.sqrt(2 / HIDDEN) / math.sqrt(2 * LAYERS))
-    # shape 2 reproduces megatron's init_method_normal draw for draw.
-    from megatron.core.utils import init_method_normal
-
+    # shape 2 reproduces megatron's init_method_normal draw for draw (megatron-core defines it
+    # as functools.partial(torch.nn.init.normal_, mean=0.0, std=sigma); importing it here would
+    # cost seconds of megatron imports in the test process).
     init2, _, _ = megatron_init_methods(GGInitConfig(enabled=True, shape=2.0), LAYERS)
     x, y = torch.empty(50, 60), torch.empty(50, 60)
     torch.manual_seed(3)
     init2(x)
     torch.manual_seed(3)
-    init_method_normal(0.02)(y)
+    torch.nn.init.normal_(y, mean=0.0, std=0.02)
     assert torch.equal(x, y)
     _, _, emb_g = megatron_init_methods(GGInitConfig(enabled=True, embeddings="gaussian"), LAYERS)
     assert "Normal" in repr(emb_g)

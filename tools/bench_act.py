@@ -125,8 +125,20 @@ def eval_loss(model: GPT, tokens: torch.Tensor, args, n: int = 8) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lambdas", default="0,1,10", help="ACT multipliers, comma separated")
+    p.add_argument(
+        "--variants",
+        default="rel:0,abs:3,abs:10",
+        help="ACT variants, comma separated: rel:<lambda> stores with step = rel_step * RMS, "
+        "abs:<lambda> with the fixed step --abs-step",
+    )
     p.add_argument("--rel-step", type=float, default=0.5, help="ggspeed.act.rel_step")
+    p.add_argument(
+        "--abs-step",
+        type=float,
+        default=None,
+        help="ggspeed.act.abs_step of abs variants (default: rel_step * RMS of the block "
+        "inputs at init, on a fixed batch)",
+    )
     p.add_argument("--eg-order", default="auto")
     p.add_argument("--warmup-frac", type=float, default=0.25, help="ACT warm-up / steps")
     p.add_argument("--batch", type=int, default=8)
@@ -139,7 +151,13 @@ def main() -> None:
     p.add_argument("--measure-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="build/bench_act")
+    p.add_argument("--plot-only", help="redraw the PNG and table from a bench_act.json")
     args = p.parse_args()
+    if args.plot_only:
+        result = json.loads(Path(args.plot_only).read_text())
+        plot(result["rows"], Path(args.plot_only).with_suffix(".png"))
+        print(table(result))
+        return
     torch.set_num_threads(args.threads)
     k = args.eg_order if args.eg_order == "auto" else int(args.eg_order)
     out = Path(args.out)
@@ -165,26 +183,31 @@ def main() -> None:
             None,
         )
     ]
-    for lam in [float(s) for s in args.lambdas.split(",") if s]:
+    fixed = next(random_batches(corpus.valid, args.batch, gcfg.seq_len, seed=999))[0]
+    init_acts = block_inputs(variants[0].model, fixed)
+    abs_step = args.abs_step or args.rel_step * math.sqrt(
+        sum(float(a.pow(2).sum()) for a in init_acts) / sum(a.numel() for a in init_acts)
+    )
+    for spec in [s for s in args.variants.split(",") if s]:
+        mode, _, lam_s = spec.partition(":")
+        if mode not in ("rel", "abs") or not lam_s:
+            raise SystemExit(f"--variants: got {spec!r}; each item is rel:<lambda> or abs:<lambda>")
+        lam = float(lam_s)
+        step_kw = {"rel_step": args.rel_step} if mode == "rel" else {"abs_step": abs_step}
         cfg = ACTConfig(
             enabled=True,
             lambda_target=lam,
             warmup_steps=int(args.steps * args.warmup_frac),
             compress=True,
-            rel_step=args.rel_step,
             eg_order=k,
             shape_refresh_interval=max(1, args.measure_every),
+            **step_kw,
         )
         variants.append(
             make_variant(
-                f"act l={lam:g}", gcfg, args, corpus.train, act.checkpoint, act.ACTState(cfg)
+                f"act {mode} l={lam:g}", gcfg, args, corpus.train, act.checkpoint, act.ACTState(cfg)
             )
         )
-    fixed = next(random_batches(corpus.valid, args.batch, gcfg.seq_len, seed=999))[0]
-    init_acts = block_inputs(variants[0].model, fixed)
-    abs_step = args.rel_step * math.sqrt(
-        sum(float(a.pow(2).sum()) for a in init_acts) / sum(a.numel() for a in init_acts)
-    )
     t_start = time.perf_counter()
     for step in range(args.steps):
         for v in variants:
@@ -284,14 +307,18 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.5))
     for r in rows:
         losses = torch.tensor(r["losses"])
-        w = 10
+        w = min(10, len(losses))
         smooth = torch.nn.functional.avg_pool1d(losses[None, None], w, 1).flatten()
         ax1.plot(range(w, len(losses) + 1), smooth, label=r["name"])
         ax2.plot(
             r["bits_steps"], r["bits_fixed"], marker="o", ms=3, label=f"{r['name']} (fixed batch)"
         )
-        if "bits_stored" in r:
-            ax2.plot(r["bits_steps"], r["bits_stored"], ls="--", label=f"{r['name']} (stored)")
+        ax3.plot(
+            r["bits_steps"], r["bits_abs"], marker="o", ms=3, label=f"{r['name']} (fixed batch)"
+        )
+        if "bits_stored" in r:  # what ACT stored, on the panel of its step rule
+            ax = ax3 if " abs " in r["name"] else ax2
+            ax.plot(r["bits_steps"], r["bits_stored"], ls="--", label=f"{r['name']} (stored)")
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss (10-step mean)")
     ax1.legend()
@@ -302,7 +329,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax2.legend(fontsize=7)
     ax3.set_xlabel("step")
     ax3.set_ylabel("avg EG code length of block inputs (bits/elem)")
-    ax3.set_title("one fixed step (rel_step * RMS at init)")
+    ax3.set_title("one fixed step: abs_step (rel_step * RMS at init)")
     ax3.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

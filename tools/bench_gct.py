@@ -50,7 +50,12 @@ METHODS_E2E = ["fp32", "powersgd4", "gct", "gct_constraint"]
 def gct_config(method: str, args: argparse.Namespace):
     from ggspeed.config import GCTConfig
 
-    kw: dict[str, Any] = {"enabled": True, "quant_step": args.quant_step, "eg_order": 0}
+    kw: dict[str, Any] = {
+        "enabled": True,
+        "quant_step": args.quant_step,
+        "block_size": args.block_size,
+        "eg_order": 0,
+    }
     if method in ("gct", "gct_constraint"):
         kw["rdoq_mu"] = args.rdoq_mu
     if method == "gct_constraint":
@@ -279,6 +284,8 @@ def e2e_rank(
             lt = loss.detach().clone()
             dist.all_reduce(lt)  # logging only (not counted: before the counter reads below)
             losses.append(float(lt) / world)
+            if rank == 0 and (step + 1) % 25 == 0:
+                print(f"{method} step {step + 1} loss {losses[-1]:.3f}", flush=True)
         sent = gct.stats.bytes_sent if gct else counter.bytes - b0 - 4 * steps
         out[method] = {
             "losses": losses,
@@ -440,8 +447,9 @@ def main() -> None:
     p.add_argument("--ar-warmup", type=int, default=2)
     p.add_argument("--e2e-steps", type=int, default=150)
     p.add_argument("--e2e-timing-steps", type=int, default=8)
-    p.add_argument("--quant-step", type=float, default=0.5)
+    p.add_argument("--quant-step", type=float, default=1.0)
     p.add_argument("--rdoq-mu", type=float, default=0.1)
+    p.add_argument("--block-size", type=int, default=4096)
     p.add_argument("--constraint-lambda", type=float, default=1e-3)
     p.add_argument("--methods", default=",".join(METHODS_E2E))
     p.add_argument("--skip", default="", help="comma list of parts to skip: capture,allreduce,e2e")

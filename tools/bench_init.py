@@ -11,6 +11,7 @@ train:  nanogpt on the embedded corpus (Python stdlib): GG Init shapes 0.5, 1.0,
 
     python tools/bench_init.py speed [--small] [--repeats 3] [--threads 1]
     python tools/bench_init.py train [--steps 300] [--workers 2] [--json out.json]
+    python tools/bench_init.py report out.json
 """
 
 from __future__ import annotations
@@ -216,6 +217,16 @@ def summarize(runs: list[dict[str, Any]], a: dict[str, Any]) -> dict[str, Any]:
             "trained_fitted_shape": _mean_spread([r["weights"]["fitted_shape"] for r in rs]),
             "bits_source": rs[0]["weights"]["source"],
         }
+        # Same seed = same data order: the per-seed difference to the baseline is the cleaner test.
+        seeds = sorted({r["seed"] for r in rs})
+        by = {(r["arm"], r["seed"]): r for r in runs}
+        out[arm]["paired_val_diff"] = [
+            by[(arm, sd)]["val_loss"] - by[(ARMS[0][0], sd)]["val_loss"] for sd in seeds
+        ]
+        out[arm]["paired_loss_diff_at_end"] = [
+            _smooth(by[(arm, sd)]["losses"], steps) - _smooth(by[(ARMS[0][0], sd)]["losses"], steps)
+            for sd in seeds
+        ]
     return out
 
 
@@ -258,6 +269,16 @@ def _print_train(res: dict[str, Any]) -> None:
             f"{r['eg_bits_per_weight']['std']:<4.3f}{r['entropy_bits_per_weight']['mean']:>9.3f}±"
             f"{r['entropy_bits_per_weight']['std']:<4.3f}{r['trained_fitted_shape']['mean']:>8.3f}"
         )
+    print("paired (same seed) difference to the baseline, per seed:")
+    for arm, _ in ARMS[1:]:
+        r = s[arm]
+        print(
+            f"  {arm:10s} val loss "
+            + ", ".join(f"{x:+.4f}" for x in r["paired_val_diff"])
+            + "   train loss at end "
+            + ", ".join(f"{x:+.4f}" for x in r["paired_loss_diff_at_end"])
+        )
+    print(f"bits: {s[ARMS[0][0]]['bits_source']}, step {a['quant_step']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,7 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--quant-step", type=float, default=1e-3)
     tp.add_argument("--save", type=Path, help="folder for the seed-0 trained state_dicts")
     tp.add_argument("--json", type=Path)
+    rp = sub.add_parser("report", help="re-print a saved train result (summary recomputed)")
+    rp.add_argument("result", type=Path)
     args = p.parse_args(argv)
+    if args.cmd == "report":
+        res = json.loads(args.result.read_text())
+        res["summary"] = summarize(res["runs"], res["args"])
+        _print_train(res)
+        return 0
     if args.cmd == "speed":
         res = bench_speed(args.small, args.repeats, args.threads, args.shape)
         print(

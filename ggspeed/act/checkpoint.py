@@ -22,6 +22,7 @@ block of this pipeline stage).
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from collections.abc import Callable
@@ -36,12 +37,14 @@ from .storage import CodedStored, Partition, PlainStored, Stored, eg_bits, step_
 _BLOCK_ATTR = "_ggspeed_act_block"
 
 
+@functools.cache
 def _ds_checkpointing():
     from deepspeed.runtime.activation_checkpointing import checkpointing
 
     return checkpointing
 
 
+@functools.cache
 def _accelerator():
     from deepspeed.accelerator import get_accelerator
 
@@ -100,15 +103,22 @@ def _store(a: torch.Tensor, state: ACTState | None, block: int, rate: float, lam
     is_activation = a.is_floating_point() and a.requires_grad
     if state is None or not is_activation:
         return PlainStored(a, cpu=cpu, part=part)
-    step = step_for(a, state.rel_step_for(block))
+    step = state.cfg.abs_step or step_for(a, state.rel_step_for(block))
     k = state.cfg.eg_order
+    stored: Stored | None = None
     if state.cfg.compress and step is not None:
-        stored: Stored = CodedStored(a, step, k=k, cpu=cpu, part=part)
-    else:
+        try:
+            stored = CodedStored(a, step, k=k, cpu=cpu, part=part)
+        except ValueError:  # non-finite values, or |a| / abs_step beyond the codec's range
+            step = None
+    if stored is None:
         stored = PlainStored(a, cpu=cpu, part=part)
         if step is not None and state.measuring():
             piece = a if part is None else a.reshape(-1).narrow(0, 0, stored.numel)
-            stored.bits = eg_bits(piece, step, k)
+            try:
+                stored.bits = eg_bits(piece, step, k)
+            except ValueError:  # non-finite, or beyond the codec's range at abs_step
+                stored.bits = None
     state.record(
         numel=stored.numel, stored_bytes=stored.nbytes, bits=stored.bits, rate=rate, lam=lam
     )

@@ -67,8 +67,7 @@ class CodedStored(Stored):
         cpu: bool,
         part: Partition | None,
     ) -> None:
-        from ggspeed import codec
-
+        codec = _codec()
         self.shape, self.device, self.dtype = a.shape, a.device, a.dtype
         self.requires_grad = a.requires_grad
         data = a.detach()
@@ -89,13 +88,20 @@ class CodedStored(Stored):
         self.bits = int(stream.nbits)
 
     def load(self) -> torch.Tensor:
-        from ggspeed import codec
-
+        codec = _codec()
         q = codec.eg_decode(self.stream).to(self.device)
         data = codec.dequantize(q, self.step, dtype=self.dtype)
         if self.part is not None:
             return _gather(data, self.part, self.shape)
         return data.view(self.shape)
+
+
+@functools.cache
+def _codec():
+    """ggspeed.codec, imported on first use (it loads numba) and looked up once."""
+    from ggspeed import codec
+
+    return codec
 
 
 def _slice(a: torch.Tensor, part: Partition) -> torch.Tensor:
@@ -125,8 +131,7 @@ def step_for(a: torch.Tensor, rel_step: float) -> float | None:
 
 def eg_bits(a: torch.Tensor, step: float, k: int | str = 0) -> int:
     """Exact EG code length, in bits, of ``a`` quantized with ``step`` (telemetry, compress off)."""
-    from ggspeed import codec
-
+    codec = _codec()
     return int(codec.eg_code_length(codec.quantize(a.detach().reshape(-1), step), k=k))
 
 

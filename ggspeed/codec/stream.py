@@ -45,7 +45,7 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBBBQIIQQIBBH")
 HEADER_SIZE = HEADER.size  # 48
 F_RUNS, F_AUTO, F_CRC = 1, 2, 4
-MAX_CHUNK = 1 << 24
+MAX_CHUNK = 1 << 23  # keeps every chunk's bit count below 2^31 (stored as u32, read as i32)
 
 assert HEADER_SIZE == 48
 assert sys.byteorder == "little", "ggspeed.codec's byte format assumes a little-endian host"
@@ -164,9 +164,8 @@ class EGStream:
         if n > expected:
             raise ValueError(f"EG stream has {n - expected} trailing bytes after its payload")
         if flags & F_CRC:
-            host = buf.cpu().numpy().copy()
-            host[40:44] = 0
-            if zlib.crc32(host) != crc:
+            host = buf.cpu().numpy()  # CRC over the bytes with the CRC field read as zeros
+            if zlib.crc32(host[44:], zlib.crc32(bytes(4), zlib.crc32(host[:40]))) != crc:
                 raise ValueError("EG stream checksum mismatch: the bytes are corrupted")
         if flags & ~(F_RUNS | F_AUTO | F_CRC):
             raise ValueError(f"EG stream has unknown flags {flags:#x}")

@@ -428,7 +428,16 @@ def decode(stream) -> torch.Tensor:
     orders = stream.orders.to(device=dev, dtype=torch.uint8).contiguous()
     errs = torch.zeros(nchunks, dtype=torch.int32, device=dev)
     _decode_kernel[(nchunks,)](
-        data, out, starts, bits, orders, errs, stream.numel, stream.chunk_size, RUNS=stream.runs
+        data,
+        out,
+        starts,
+        bits,
+        orders,
+        errs,
+        stream.numel,
+        stream.chunk_size,
+        RUNS=stream.runs,
+        num_warps=1,  # scalar code: one warp per chunk leaves room for more chunks per SM
     )
     bad = torch.nonzero(errs).flatten()
     if bad.numel():

@@ -92,6 +92,13 @@ class ACTConfig(Section):
         description="Instead of rel_step: pick each block's step so that the fitted GG's "
         "quantized entropy is this many bits/element (re-solved at every shape refresh).",
     )
+    abs_step: float | None = Field(
+        None,
+        gt=0.0,
+        description="Instead of rel_step: one fixed quantization step for every stored tensor. "
+        "Then the rate constraint's shrinking of the activations lowers the stored bits "
+        "directly (with a relative step only the shape matters).",
+    )
     eg_order: int | Literal["auto"] = Field(
         0,
         description="Exp-Golomb order k of the stored streams: an integer 0-15, or auto (the "
@@ -112,9 +119,12 @@ class ACTConfig(Section):
                 "ggspeed.act.num_blocks: required when ggspeed.act.blockwise is true "
                 "(the number of checkpointed blocks of the whole model)"
             )
-        if self.bits_target is not None and "rel_step" in self.model_fields_set:
+        given = [k for k in ("rel_step", "bits_target", "abs_step") if k in self.model_fields_set]
+        given = [k for k in given if getattr(self, k) is not None]
+        if len(given) > 1:
             raise ValueError(
-                "ggspeed.act.rel_step and ggspeed.act.bits_target: give one of them, not both"
+                f"ggspeed.act.{given[0]} and ggspeed.act.{given[1]}: give one of rel_step, "
+                "bits_target, abs_step, not several"
             )
         if isinstance(self.eg_order, int) and not 0 <= self.eg_order <= 15:
             raise ValueError(

@@ -20,7 +20,7 @@ class GCTConfig(Section):
         "relative",
         description=(
             "How the quantization step is set: 'relative' = quant_step x the largest per-rank RMS "
-            "of (gradient + residual) in the bucket (agreed by one tiny collective); "
+            "of (gradient + residual) in each block (agreed by one small collective); "
             "'absolute' = quant_step as is."
         ),
     )
@@ -30,6 +30,15 @@ class GCTConfig(Section):
         description=(
             "Quantization step: a multiple of the gradient RMS (step_mode 'relative') or an "
             "absolute value (step_mode 'absolute', e.g. 1e-3 as in the authors' code)."
+        ),
+    )
+    block_size: int = Field(
+        4096,
+        ge=0,
+        description=(
+            "Elements sharing one quantization step (consecutive, so roughly per layer): "
+            "steps follow each block's scale at 2 x 32 bits of agreement per block; 0 = one "
+            "step per bucket."
         ),
     )
     rdoq_mu: float = Field(
@@ -85,6 +94,7 @@ class GCTConfig(Section):
         gt=0,
         description="Secant estimates h are clipped to [-constraint_clip, constraint_clip].",
     )
+
     @model_validator(mode="after")
     def _check(self) -> GCTConfig:
         if isinstance(self.eg_order, int) and not 0 <= self.eg_order <= 15:

@@ -35,7 +35,8 @@ class GGInitConfig(Section):
         le=5.0,
         description=(
             "GG shape nu in (0.05, 5]: 2 is Gaussian, 1 Laplacian. To align with trained-model "
-            "statistics use the pooled shape fitted by tools/fit_gg.py."
+            "statistics use the pooled_standardized shape that tools/fit_gg.py fits to a "
+            "trained checkpoint."
         ),
     )
     rule: Literal["megatron", "lecun", "kaiming", "paper"] = Field(
@@ -93,7 +94,7 @@ class GGInitConfig(Section):
         "gg",
         description=(
             "Embedding tables: GG like the other weights, Gaussian with the same std, or left "
-            "as the model built them."
+            "as the model built them (rule 'paper' always uses GG)."
         ),
     )
     embedding_std: float | None = Field(

@@ -56,27 +56,49 @@ def _chunk_bounds(n: int, world: int) -> list[int]:
     return bounds
 
 
-def _agree(v: torch.Tensor, group) -> tuple[float, float, bool]:
-    """(max RMS, max |v|, any non-finite) over the group; one 3-element all-reduce."""
-    amax = float(v.abs().max())  # NaN propagates through max; inf shows as inf
-    finite = math.isfinite(amax)
-    if finite and amax > 0:
-        w = v if amax < 1e18 else v / amax  # keep the float32 sum of squares finite
-        rms = float(torch.dot(w, w)) ** 0.5 / v.numel() ** 0.5 * (1.0 if w is v else amax)
+def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The full blocks of ``x`` as a (nb, block) view, and the shorter tail (or None)."""
+    nfull = x.numel() // block
+    tail = x[nfull * block :]
+    return x[: nfull * block].view(nfull, block), (tail if tail.numel() else None)
+
+
+def _agree(v: torch.Tensor, group, block: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per block: (max over ranks of RMS, of max |v|), and whether any rank holds an inf/NaN.
+
+    One small all-reduce (MAX) of 2 * blocks + 1 floats.
+    """
+    full, tail = _blocks(v, block)
+    amax = full.abs().amax(1)  # NaN propagates through amax; inf shows as inf
+    ms = torch.einsum("ij,ij->i", full, full) / block
+    if tail is not None:
+        amax = torch.cat([amax, tail.abs().amax().view(1)])
+        ms = torch.cat([ms, (torch.dot(tail, tail) / tail.numel()).view(1)])
+    finite = math.isfinite(float(amax.max()))
+    t = torch.empty(2 * amax.numel() + 1, dtype=torch.float32, device=v.device)
+    nb = amax.numel()
+    if finite:
+        t[:nb] = ms.sqrt_()  # a float32 overflow of ms (|v| > 1e19) only coarsens the step
+        t[nb : 2 * nb] = amax
+        t[-1] = 0.0
     else:
-        rms = amax = 0.0
-    t = torch.tensor([rms, amax, 0.0 if finite else 1.0], dtype=torch.float64, device=v.device)
+        t.zero_()
+        t[-1] = 1.0
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return float(t[0]), float(t[1]), bool(t[2] > 0)
+    return t[:nb], t[nb : 2 * nb], bool(t[-1] > 0)
 
 
-def _step(state: GCTState, rms: float, amax: float, world: int) -> float:
+def _steps(state: GCTState, rms: torch.Tensor, amax: torch.Tensor, world: int) -> torch.Tensor:
+    """One quantization step per block, the same on every rank (derived from agreed numbers)."""
     cfg = state.cfg
-    step = cfg.quant_step * rms if cfg.step_mode == "relative" else cfg.quant_step
-    if step <= 0.0:
-        step = 1.0  # an all-zero bucket: any step codes it as zeros
+    if cfg.step_mode == "relative":
+        steps = rms * cfg.quant_step
+    else:
+        steps = torch.full_like(rms, cfg.quant_step)
+    steps = torch.where(steps > 0, steps, torch.ones_like(steps))  # all-zero block: any step
     # Never let the integer sums outgrow the codec: coarsen the step instead (same on all ranks).
-    return max(step, amax * world / _MAX_LEVEL)
+    steps = torch.maximum(steps, amax * (world / _MAX_LEVEL))
+    return torch.where(torch.isfinite(steps), steps, torch.full_like(steps, 3e38))
 
 
 def compressed_all_reduce(
@@ -110,19 +132,22 @@ def compressed_all_reduce(
         v += residual
 
     t1 = time.perf_counter()
-    rms, amax, nonfinite = _agree(v, group)
+    block = state.cfg.block_size or n
+    rms, amax, nonfinite = _agree(v, group, block)
     t2 = time.perf_counter()
-    tiny_bytes = 24 * 2 * (world - 1) // world  # ring-equivalent bytes of the 3-float all-reduce
+    # ring-equivalent bytes of the small all-reduce of per-block numbers
+    tiny_bytes = (2 * rms.numel() + 1) * 4 * 2 * (world - 1) // world
     if nonfinite:
         tensor.fill_(float("nan"))
         state.record(calls=1, nonfinite_calls=1, comm_s=t2 - t1, bytes_sent=tiny_bytes)
         return tensor
 
-    step = _step(state, rms, amax, world)
+    steps = _steps(state, rms, amax, world)
+    step = steps.repeat_interleave(block)[:n] if steps.numel() > 1 else float(steps[0])
     k = state.cfg.eg_order if isinstance(state.cfg.eg_order, int) else 0
     q = quantize_rdoq(v, step, state.cfg.rdoq_mu, k, state.cfg.zero_runs)
     err = v - q.to(torch.float32) * step
-    rms_local_sq = float(torch.dot(v, v)) if amax < 1e18 else float("inf")
+    rms_local_sq = float(torch.dot(v, v))
     state.set_residual(key, err)
     bounds = _chunk_bounds(n, world)
     # Reduce-scatter phase: every chunk but our own is coded and sent to its owner.
@@ -139,7 +164,7 @@ def compressed_all_reduce(
     recv = torch.empty(int(out_len.sum()), dtype=torch.uint8, device=dev)
     dist.all_to_all_single(recv, torch.cat(payload), out_len.tolist(), in_len.tolist(), group=group)
     t4 = time.perf_counter()
-    # int32 is exact: _step keeps |level| * world below 2^29
+    # int32 is exact: _steps keeps |level| * world below 2^29
     mine = q[bounds[me] : bounds[me + 1]].clone()
     for piece in torch.split(recv, out_len.tolist()):
         if piece.numel():
@@ -188,6 +213,6 @@ def compressed_all_reduce(
         last_bytes_sent=sent + small,
         last_bytes_received=received + small,
         last_elements=n,
-        last_step=step,
+        last_step=float(steps.max()),
     )
     return tensor

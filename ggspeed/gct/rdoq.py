@@ -42,7 +42,7 @@ def eg_bits(q: torch.Tensor, k: int = 0, runs: bool = False) -> torch.Tensor:
     return 2 * _floor_log2(torch.floor(u / scale) + 1) + (1 + k)
 
 
-def quantize_round(x: torch.Tensor, step: float) -> torch.Tensor:
+def quantize_round(x: torch.Tensor, step: float | torch.Tensor) -> torch.Tensor:
     """Round to the nearest level (ties to even, as torch.round): int32."""
     return torch.round(x / step).to(torch.int32)
 
@@ -75,11 +75,11 @@ def _bits(lev: float, scale: float, k: int, runs: bool) -> float:
 
 
 def quantize_rdoq(
-    x: torch.Tensor, step: float, mu: float, k: int = 0, runs: bool = False
+    x: torch.Tensor, step: float | torch.Tensor, mu: float, k: int = 0, runs: bool = False
 ) -> torch.Tensor:
     """RDOQ levels of ``x`` (int32): floor or ceil of |x|/step, whichever has the lower RD cost.
 
-    ``mu`` is in step^2 per bit; ``k`` and ``runs`` describe the code (see :func:`eg_bits`).
+    ``step`` is a number or a per-element tensor. ``mu`` is in step^2 per bit; ``k`` and ``runs`` describe the code (see :func:`eg_bits`).
     """
     if mu <= 0:
         return quantize_round(x, step)
