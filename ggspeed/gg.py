@@ -125,20 +125,20 @@ def _device_table(shape: float, scale: float, device: torch.device) -> tuple[tor
 
 
 def _fill_gg(flat: torch.Tensor, y0: torch.Tensor, slope: torch.Tensor, gen: Any) -> None:
-    """Fill a contiguous 1-D float32 tensor block by block (temporaries stay cache-sized).
+    """Fill a contiguous 1-D float32 tensor block by block.
 
     Per element one 31-bit draw r: bit 0 the sign, bit 1 the table half (tail or centre), bits
-    2-30 the magnitude m = (r >> 1) | 1, odd in [1, 2^30).
+    2-30 the magnitude m = (r >> 1) | 1, odd in [1, 2^30). Every temporary is preallocated and
+    cache-sized: fresh large allocations per block cost page faults.
     """
     n = flat.numel()
     block = min(_BLOCK, n)
-    rbuf = torch.empty(block, dtype=torch.int32, device=flat.device)
-    ibuf = torch.empty(block, dtype=torch.int32, device=flat.device)
-    sbuf = torch.empty(block, dtype=torch.int32, device=flat.device)
-    fbuf = torch.empty(block, dtype=torch.float32, device=flat.device)
+    dev = flat.device
+    rbuf, ibuf, sbuf = (torch.empty(block, dtype=torch.int32, device=dev) for _ in range(3))
+    fbuf, obuf, abuf, bbuf = (torch.empty(block, dtype=torch.float32, device=dev) for _ in range(4))
     for start in range(0, n, block):
         k = min(block, n - start)
-        r, bits, side, mf = rbuf[:k], ibuf[:k], sbuf[:k], fbuf[:k]
+        r, bits, side, mf, off, a, b = (t[:k] for t in (rbuf, ibuf, sbuf, fbuf, obuf, abuf, bbuf))
         dst = flat[start : start + k]
         r.random_(generator=gen)  # uniform in [0, 2^31)
         torch.bitwise_right_shift(r, 1, out=bits)
@@ -146,13 +146,13 @@ def _fill_gg(flat: torch.Tensor, y0: torch.Tensor, slope: torch.Tensor, gen: Any
         mf.copy_(bits)  # odd m -> float32 (exact up to float rounding)
         mbits = mf.view(torch.int32)
         torch.bitwise_and(mbits, (1 << _LOW_BITS) - 1, out=bits)
+        off.copy_(bits)
         torch.bitwise_and(r, 2, out=side)
         side.bitwise_left_shift_(_SIDE_SHIFT)
         mbits.sub_(_BASE_BITS).bitwise_right_shift_(_LOW_BITS).add_(side)  # cell index
-        off = bits.to(torch.float32)
-        torch.addcmul(
-            torch.index_select(y0, 0, mbits), torch.index_select(slope, 0, mbits), off, out=dst
-        )
+        torch.index_select(y0, 0, mbits, out=a)
+        torch.index_select(slope, 0, mbits, out=b)
+        torch.addcmul(a, b, off, out=dst)
         r.bitwise_left_shift_(31)
         dst.view(torch.int32).bitwise_xor_(r)
 

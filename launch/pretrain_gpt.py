@@ -49,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="blocks per activation checkpoint (0: off); default 1 when the ds_config has an "
         "activation_checkpointing section or ggspeed.act is enabled, else 0",
     )
+    g.add_argument(
+        "--use-cpu-initialization",
+        action="store_true",
+        help="initialize full master weights on the CPU then split them (bitwise the same weights "
+        "for every layout; always on without a GPU)",
+    )
     g = p.add_argument_group("data")
     g.add_argument(
         "--data-path", required=True, help="dataset folder from tools/preprocess_data.py"
@@ -352,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         activation_checkpoint_interval=ckpt_layers,
         activation_checkpoint_func=ckpt_func,
         gg_init=gcfg.gg_init,
+        cpu_init=True if args.use_cpu_initialization else None,
     )
     kwargs: dict[str, Any] = {}
     if "optimizer" not in ds:

@@ -58,6 +58,16 @@ def explicit(model, x, y, lams, shape, eps) -> list[torch.Tensor]:
     return grads(model)
 
 
+def explicit_inputs(model, x) -> list[torch.Tensor]:
+    """The block inputs of a plain forward (no dropout in the model used)."""
+    out, h = [], x
+    with torch.no_grad():
+        for blk in model:
+            out.append(h)
+            h = blk(h)
+    return out
+
+
 def state_for(cfg: ACTConfig, shape: float, nblocks: int) -> act.ACTState:
     st = act.ACTState(cfg)
     st.shapes = dict.fromkeys(range(nblocks), shape)
@@ -125,10 +135,16 @@ def test_blockwise_lambdas_and_l1(active):
     model = make_model(p=0.0)
     x0, y = data()
     cfg = ACTConfig(
-        enabled=True, lambda_target=0.5, warmup_steps=40, blockwise=True, num_blocks=4, rate="l1"
+        enabled=True,
+        lambda_target=0.5,
+        warmup_steps=40,
+        blockwise=True,
+        num_blocks=4,
+        rate="l1",
+        log_interval=5,
     )
     st = active(act.ACTState(cfg))
-    st.step = 15  # block 0 full, block 1 at 50%, blocks 2, 3 off
+    st.step = 15  # block 0 full, block 1 at 50%, blocks 2, 3 off; a rate-logging step
     lams = [st.lambda_for(b) for b in range(4)]
     assert lams == pytest.approx([0.5, 0.25, 0.0, 0.0])
     ref = explicit(model, x0, y, lams, 1.0, 0.0)
@@ -140,7 +156,12 @@ def test_blockwise_lambdas_and_l1(active):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
     s = st.scalars()
     assert s["lambda"] == pytest.approx(0.5)
-    assert s["penalty"] > 0 and math.isfinite(s["rate"])
+    rates = [float(h.abs().mean()) for h in explicit_inputs(model, x0)]
+    assert s["rate"] == pytest.approx(sum(rates) / 4)
+    assert s["penalty"] == pytest.approx(sum(lam * r for lam, r in zip(lams, rates)))
+    st.step = 16  # not a rate-logging step: no rate telemetry, nothing reported as 0
+    act.checkpoint(model[0], x0.clone().requires_grad_(True))
+    assert "rate" not in st.scalars()
 
 
 def test_schedule_values():

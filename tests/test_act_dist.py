@@ -19,6 +19,7 @@ ACT = {
     "rel_step": 0.25,
     "eg_order": "auto",
     "shape_refresh_interval": 3,
+    "log_interval": 1,
 }
 
 

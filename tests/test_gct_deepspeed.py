@@ -1,4 +1,7 @@
-"""GCT installed on real DeepSpeed engines over gloo: ZeRO 0/1/2, fp32/bf16, pipeline, checkpoints."""
+"""GCT installed on real DeepSpeed engines over gloo: ZeRO 0/1/2, fp32/bf16, checkpoints.
+
+The pipeline (2 stages x 2 data-parallel ranks) runs in the 4-rank launch of test_gct_dist.py.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ ENV = {"NUMBA_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.dist
 
-GCT = {"enabled": True, "quant_step": 1.0, "rdoq_mu": 0.05}
+GCT = {"enabled": True, "quant_step": 0.5, "rdoq_mu": 0.05}
 STEPS = 20
 
 
@@ -160,7 +163,7 @@ def test_deepspeed_engines_2_ranks(tmp_path) -> None:
         assert torch.equal(r0["params"], r1["params"]), f"{name}: ranks diverged"
         first, last = r0["loss"]
         # trains about as well as the exact all-reduce (bf16 runs carry bf16 rounding too)
-        assert last < 0.3 * first and last < 1.5 * base_last + 0.01, (name, r0["loss"], base_last)
+        assert last < 0.3 * first and last < 1.5 * base_last + 0.02, (name, r0["loss"], base_last)
         assert r0["calls"] >= STEPS and 0 < r0["bits"] < 8, (name, r0["calls"], r0["bits"])
         assert r0["keys"], name
     # ZeRO-2 reduces per micro-batch: twice the calls of a ZeRO-1 run, same residual keys reused.
@@ -224,19 +227,3 @@ def _pipeline(bf16_zero1: bool) -> dict:
             "bits": st.stats.bits_per_element,
         }
     return out
-
-
-def test_pipeline_2_stages_x_2_dp() -> None:
-    res = run_ranks(_pipeline, 4, True, init_pg=False, timeout=300, env=ENV)
-    for name in res[0]:
-        by_stage: dict[int, list] = {}
-        for r in res:
-            by_stage.setdefault(r[name]["stage"], []).append(r[name])
-        assert sorted(by_stage) == [0, 1]
-        for reps in by_stage.values():
-            assert len(reps) == 2
-            assert torch.equal(reps[0]["params"], reps[1]["params"]), f"{name}: DP replicas differ"
-            # stage 1 holds 65 parameters: the 54-byte stream headers dominate its bits
-            assert reps[0]["calls"] >= STEPS and 0 < reps[0]["bits"] < 32, reps[0]
-        last = next(r[name] for r in res if r[name]["stage"] == 1)
-        assert last["loss"][1] < 0.5 * last["loss"][0], (name, last["loss"])

@@ -1,4 +1,5 @@
-"""The compressed all-reduce and the DDP hook on real gloo processes (4 ranks, 2-rank subgroups)."""
+"""4 gloo ranks, one launch: the compressed all-reduce (also on 2-rank subgroups), the DDP hook,
+and a DeepSpeed PipelineModule with 2 stages x 2 data-parallel ranks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
+from tests.test_gct_deepspeed import STEPS
 
 # One numba thread per rank: ranks share the cores (the codec's kernels are parallel otherwise).
 ENV = {"NUMBA_NUM_THREADS": "1"}
@@ -123,8 +125,18 @@ def _collective_checks() -> dict:
     return out
 
 
-def test_compressed_all_reduce_4_ranks() -> None:
-    res = run_ranks(_collective_checks, 4, timeout=240, env=ENV)
+def _four_ranks() -> dict:
+    import deepspeed
+
+    from tests.test_gct_deepspeed import _pipeline
+
+    deepspeed.init_distributed("gloo")
+    return {**_collective_checks(), "pipeline": _pipeline(True)}
+
+
+def test_four_ranks_collective_hook_pipeline() -> None:
+    res = run_ranks(_four_ranks, 4, init_pg=False, timeout=300, env=ENV)
+    _check_pipeline([r["pipeline"] for r in res])
     for name in ("round", "rdoq", "abs_auto"):
         for r in res[1:]:
             assert torch.equal(r[name]["result"], res[0][name]["result"]), name
@@ -146,3 +158,18 @@ def test_compressed_all_reduce_4_ranks() -> None:
         first, last = r["ddp_loss"]
         assert last < 0.5 * first, r["ddp_loss"]
         assert r["ddp_calls"] >= 25 and 0 < r["ddp_bits"] < 8
+
+
+def _check_pipeline(res: list[dict]) -> None:
+    for name in res[0]:
+        by_stage: dict[int, list] = {}
+        for r in res:
+            by_stage.setdefault(r[name]["stage"], []).append(r[name])
+        assert sorted(by_stage) == [0, 1]
+        for reps in by_stage.values():
+            assert len(reps) == 2
+            assert torch.equal(reps[0]["params"], reps[1]["params"]), f"{name}: DP replicas differ"
+            # stage 1 holds 65 parameters: the 54-byte stream headers dominate its bits
+            assert reps[0]["calls"] >= STEPS and 0 < reps[0]["bits"] < 32, reps[0]
+        last = next(r[name] for r in res if r[name]["stage"] == 1)
+        assert last["loss"][1] < 0.5 * last["loss"][0], (name, last["loss"])

@@ -96,7 +96,9 @@ def _partition_for(a: torch.Tensor) -> Partition | None:
     return Partition(rank=int(ds.mp_rank), size=size, group=ds.mp_group)
 
 
-def _store(a: torch.Tensor, state: ACTState | None, block: int, rate: float, lam: float) -> Stored:
+def _store(
+    a: torch.Tensor, state: ACTState | None, block: int, rate: float | None, lam: float
+) -> Stored:
     """Hold one input for recomputation; record what it costs when ACT is active."""
     cpu = bool(_ds_checkpointing().CPU_CHECKPOINT)
     part = _partition_for(a) if a.is_floating_point() else None
@@ -233,12 +235,13 @@ def checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not isinstance(a, torch.Tensor):
             stored.append(a)
             continue
-        rate = 0.0
+        rate = None
         if state is not None and a.is_floating_point() and a.requires_grad:
             if state.wants_fit(block):
                 state.fit(block, a)
                 shape = plan.shape = state.shape_for(block)
-            rate = rate_value(a, shape, eps)
+            if state.rate_due():
+                rate = rate_value(a, shape, eps)
         stored.append(_store(a, state, block, rate, lam))
     holder = {"stored": stored}
     tensors = _CheckpointFunction.apply(plan, holder, *args)

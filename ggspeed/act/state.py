@@ -98,21 +98,31 @@ class ACTState:
         self._peak = self.live_bytes
         self._steps = 0
         self._lambda_sum = 0.0
+        self._rate_steps: set[int] = set()
 
     def measuring(self) -> bool:
         """Whether this step's checkpoints get their EG code length measured (compress off)."""
-        return self.cfg.compress or self.step % self.cfg.log_interval == 0
+        return self.cfg.compress or self.rate_due()
 
-    def record(self, *, numel: int, stored_bytes: int, bits: int | None, rate: float, lam: float):
+    def rate_due(self) -> bool:
+        """Whether this step's rate values R(a) are computed for telemetry (a pass over each
+        input costs ~2% of a small model's step, so only every log_interval steps)."""
+        return self.step % self.cfg.log_interval == 0
+
+    def record(
+        self, *, numel: int, stored_bytes: int, bits: int | None, rate: float | None, lam: float
+    ):
         with self._lock:
             self._elems += numel
             self._stored_bytes += stored_bytes
             if bits is not None:
                 self._bits += bits
                 self._coded_elems += numel
-            self._rate += rate
-            self._rate_n += 1
-            self._penalty += lam * rate
+            if rate is not None:
+                self._rate += rate
+                self._rate_n += 1
+                self._penalty += lam * rate
+                self._rate_steps.add(self.step)
 
     def hold(self, nbytes: int) -> None:
         with self._lock:
@@ -139,8 +149,8 @@ class ACTState:
         compress on; a measurement every log_interval steps otherwise). stored_mb, bf16_mb and
         fp32_mb: MB the checkpoints of one step hold, and what bf16/fp32 copies would hold.
         peak_live_mb: the most checkpoint bytes alive at once. penalty: lambda_a * R summed
-        over a step's checkpoints; rate: mean R per checkpoint; lambda: lambda_a of the first
-        local block (mean over the steps).
+        over a step's checkpoints and rate: mean R per checkpoint, both from the steps that are
+        multiples of log_interval; lambda: lambda_a of the first local block (mean over the steps).
         """
         with self._lock:
             steps = max(1, self._steps)
@@ -148,13 +158,14 @@ class ACTState:
                 "lambda": self._lambda_sum / steps
                 if self._steps
                 else self.lambda_for(self.block_offset),
-                "penalty": self._penalty / steps,
-                "rate": self._rate / max(1, self._rate_n),
                 "stored_mb": self._stored_bytes / steps / 1e6,
                 "bf16_mb": 2 * self._elems / steps / 1e6,
                 "fp32_mb": 4 * self._elems / steps / 1e6,
                 "peak_live_mb": self._peak / 1e6,
             }
+            if self._rate_n:
+                out["penalty"] = self._penalty / len(self._rate_steps)
+                out["rate"] = self._rate / self._rate_n
             if self._coded_elems:
                 out["bits_per_element"] = self._bits / self._coded_elems
             if self._stored_bytes:
