@@ -447,7 +447,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_time, trained_steps, last_loss, valid_loss = 0.0, 0, float("nan"), float("nan")
     last_ckpt: Path | None = None
     step = start
+    _prof = None  # TEMPPROF
     while step < args.train_iters:
+        if step == start + 1 and os.environ.get("GGSPEED_PROFILE_DIR"):  # TEMPPROF
+            import cProfile  # TEMPPROF
+
+            _prof = cProfile.Profile()  # TEMPPROF
+            _prof.enable()  # TEMPPROF
         t0 = time.perf_counter()
         loss = float(engine.train_batch(batches))
         dt = time.perf_counter() - t0
@@ -495,6 +501,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if bar is not None:
         bar.close()
 
+    if _prof is not None:  # TEMPPROF
+        _prof.disable()  # TEMPPROF
+        _prof.dump_stats(f"{os.environ['GGSPEED_PROFILE_DIR']}/rank{rank}.prof")  # TEMPPROF
     # The last log interval's scalars; a run shorter than ggspeed.log_interval collects them now
     # (a collective: every rank takes the same branch, their step counts are equal).
     scal = engine.ggspeed.scalars()

@@ -28,3 +28,18 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/build/torch_extension
 # Numba caches compiled kernels beside the sources unless told otherwise.
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$ROOT/build/numba_cache}"
 mkdir -p "$TORCH_EXTENSIONS_DIR" "$NUMBA_CACHE_DIR"
+
+# DeepSpeed's torch backend builds its CPU shared-memory comm op at every init_distributed on CPU
+# (70+ s the first time). Build it once here, serially, instead of inside the first multi-rank
+# run; a lock left by a killed build would otherwise hang every later init_distributed.
+if [ ! -f "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/deepspeed_shm_comm.so" ]; then
+    rm -f "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/lock"
+    echo "[setup] building DeepSpeed's CPU comm op once (about a minute)"
+    python - <<'PY'
+from deepspeed.accelerator import get_accelerator
+
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if builder is not None:
+    builder.load(verbose=False)
+PY
+fi
