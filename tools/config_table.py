@@ -54,19 +54,26 @@ def table() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", metavar="README", help="fail if this file's table is stale")
+    parser.add_argument("--write", metavar="README", help="replace this file's table in place")
     args = parser.parse_args()
     current = table()
-    if args.check:
-        text = Path(args.check).read_text(encoding="utf-8")
-        start, end = text.find(BEGIN), text.find(END)
-        found = text[start : end + len(END)] if start >= 0 and end >= 0 else ""
-        if found != current:
-            print(
-                f"{args.check}: the ggspeed key table is stale; regenerate it with tools/config_table.py"
-            )
-            return 1
+    target = args.check or args.write
+    if not target:
+        print(current)
         return 0
-    print(current)
+    text = Path(target).read_text(encoding="utf-8")
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < 0:
+        print(f"{target}: no {BEGIN} ... {END} markers")
+        return 1
+    found = text[start : end + len(END)]
+    if args.write:
+        Path(target).write_text(text.replace(found, current), encoding="utf-8")
+    elif found != current:
+        print(
+            f"{target}: the ggspeed key table is stale; run tools/config_table.py --write {target}"
+        )
+        return 1
     return 0
 
 
