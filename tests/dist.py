@@ -1,7 +1,8 @@
 """Run a function on N real processes joined by a gloo process group (the multi-rank test harness).
 
 Each rank is a fresh ``spawn``-ed interpreter with the environment a launcher would give it
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and one OpenMP thread. LOCAL_SIZE is not set, so
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and one OpenMP and one numba thread
+(ranks share the machine's cores). LOCAL_SIZE is not set, so
 DeepSpeed on CPU does not create its never-freed /dev/shm all-reduce segment. The function's return
 value on each rank comes back to the caller; an exception on any rank fails the caller with that
 rank's traceback; a hang is killed after ``timeout`` seconds.
@@ -46,6 +47,7 @@ def _entry(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
+        NUMBA_NUM_THREADS="1",
         **env,
     )
     os.environ.pop("LOCAL_SIZE", None)

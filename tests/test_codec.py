@@ -337,3 +337,14 @@ def test_mismatched_stream_fields():
         orders[:, 0] = k
         with pytest.raises(ValueError):
             eg_decode(EGStream(**{**plain.__dict__, "orders": orders}))
+
+
+def test_decode_without_validation():
+    """validate=False (in-memory streams) decodes the same; the kernels still catch bad sizes."""
+    q = torch.randint(-40, 41, (5000,), dtype=torch.int32)
+    for k, runs in ((0, False), ("auto", False), ("auto", True)):
+        s = eg_encode(q, k, runs, chunk_size=1024)
+        assert torch.equal(eg_decode(s, validate=False), q)
+    s = eg_encode(q, 0, chunk_size=1024)
+    with pytest.raises(ValueError, match="payload"):
+        eg_decode(EGStream(**{**s.__dict__, "data": s.data[:-1]}), validate=False)

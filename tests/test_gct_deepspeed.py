@@ -12,8 +12,6 @@ import torch
 
 from tests.dist import run_ranks
 
-# One numba thread per rank: ranks share the cores (the codec's kernels are parallel otherwise).
-ENV = {"NUMBA_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.dist
 
@@ -153,7 +151,7 @@ def _engines_and_checkpoint(tmpdir: str) -> dict:
 
 
 def test_deepspeed_engines_2_ranks(tmp_path) -> None:
-    res = run_ranks(_engines_and_checkpoint, 2, str(tmp_path), init_pg=False, timeout=400, env=ENV)
+    res = run_ranks(_engines_and_checkpoint, 2, str(tmp_path), init_pg=False, timeout=400)
     base_first, base_last = res[0].pop("baseline_no_gct")["loss"]
     assert base_last < 0.3 * base_first
     for name, r0 in res[0].items():

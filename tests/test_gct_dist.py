@@ -9,8 +9,6 @@ import torch
 from tests.dist import run_ranks
 from tests.test_gct_deepspeed import STEPS
 
-# One numba thread per rank: ranks share the cores (the codec's kernels are parallel otherwise).
-ENV = {"NUMBA_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.dist
 
@@ -135,7 +133,7 @@ def _four_ranks() -> dict:
 
 
 def test_four_ranks_collective_hook_pipeline() -> None:
-    res = run_ranks(_four_ranks, 4, init_pg=False, timeout=300, env=ENV)
+    res = run_ranks(_four_ranks, 4, init_pg=False, timeout=300)
     _check_pipeline([r["pipeline"] for r in res])
     for name in ("round", "rdoq", "abs_auto"):
         for r in res[1:]:

@@ -132,6 +132,18 @@ def test_lr_schedule_warms_up_then_decays():
     assert f[100] == pytest.approx(0.1)
 
 
+def test_codec_threads_share_the_cpus():
+    """numba's codec kernels get this rank's share of the CPUs, not one thread per CPU each."""
+    import os
+
+    trainer = load_trainer()
+    assert trainer.codec_threads({"OMP_NUM_THREADS": "1", "LOCAL_SIZE": "4"}) == 1
+    assert trainer.codec_threads({"OMP_NUM_THREADS": "3"}) == 3
+    cpus = len(os.sched_getaffinity(0))
+    assert trainer.codec_threads({"LOCAL_WORLD_SIZE": "2"}) == max(1, cpus // 2)
+    assert trainer.codec_threads({"LOCAL_SIZE": str(4 * cpus)}) == 1
+
+
 @pytest.mark.dist
 def test_resume_reproduces_the_straight_run(setup):
     """6 steps straight (checkpoint at 3) vs the checkpoint at 3 resumed for 3 steps: same losses.

@@ -73,6 +73,7 @@ def trainer(
     steps: int,
     work: Path,
     tag: str,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Run launch/pretrain_gpt.py under the deepspeed launcher; its summary.json."""
     work.mkdir(parents=True, exist_ok=True)
@@ -80,6 +81,8 @@ def trainer(
     cfg_path.write_text(json.dumps(ds))
     log = work / f"log-{tag}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if profile is not None:  # the trainer writes <profile>/<tag>/rank<N>.prof (cProfile)
+        env["GGSPEED_PROFILE_DIR"] = str(profile / tag)
     cmd = [
         "deepspeed", "--num_gpus", str(world), "--master_port", str(29400 + os.getpid() % 500),
         str(ROOT / "launch" / "pretrain_gpt.py"),
@@ -108,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "build" / "bench" / "bench_train.json"))
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="folder: cProfile every rank of the 4-rank runs (<folder>/{off,on}/rank<N>.prof; "
+        "read with python -m pstats)",
+    )
     args = p.parse_args(argv)
     data = Path(args.data_path)
     if not (data / "meta.json").is_file():
@@ -132,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "gradient_accumulation_steps": 1,
     }
     work = Path(args.out).parent
+    profile = Path(args.profile) if args.profile else None
     runs: dict[str, list[float]] = {
         "plain": [],
         "trainer_1rank_off": [],
@@ -157,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.steps,
                 work,
                 "off",
+                profile,
             )["tokens_per_s"]
         )
         on = trainer(
@@ -169,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             args.steps,
             work,
             "on",
+            profile,
         )
         runs["trainer_on"].append(on["tokens_per_s"])
         bits = {k: on[k] for k in ("gct_bits_per_element", "act_bits_per_element")}

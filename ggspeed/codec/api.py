@@ -117,11 +117,21 @@ def eg_encode(
     )
 
 
-def eg_decode(stream: EGStream, *, backend: Backend | None = None) -> torch.Tensor:
-    """The flat int32 tensor ``stream`` codes, on the stream's device; ValueError if corrupt."""
+def eg_decode(
+    stream: EGStream, *, backend: Backend | None = None, validate: bool = True
+) -> torch.Tensor:
+    """The flat int32 tensor ``stream`` codes, on the stream's device; ValueError if corrupt.
+
+    ``validate=False`` skips ``EGStream.validate()`` (the header/table consistency checks, a few
+    small host-side reductions per call) for a stream this process made with ``eg_encode`` and
+    never exposed to outside bytes, e.g. an activation checkpoint held in memory. The kernels
+    still report malformed codes, and the numba path checks the payload size against the chunk
+    table; streams from ``from_bytes`` / ``from_tensor`` are validated there already.
+    """
     if not isinstance(stream, EGStream):
         raise ValueError(f"eg_decode expects an EGStream, got {type(stream).__name__}")
-    stream.validate()
+    if validate:
+        stream.validate()
     be = _backend(stream.data, backend)
     if be == "numba":
         out = cpu.decode(

@@ -20,10 +20,12 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from .. import codec
+from . import kernels
 from .rdoq import quantize_rdoq
 from .state import GCTState
 
@@ -34,6 +36,7 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 # Largest |integer sum| allowed: leaves headroom below the codec's 32-bit code width.
 _MAX_LEVEL = 2**29  # codec.MAX_ABS is 2**30 - 1
+_EMPTY_F32 = np.empty(0, dtype=np.float32)
 
 
 def encode_chunk(q: torch.Tensor, state: GCTState) -> torch.Tensor:
@@ -44,8 +47,7 @@ def encode_chunk(q: torch.Tensor, state: GCTState) -> torch.Tensor:
 
 def decode_chunk(data: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`encode_chunk`: int32 values."""
-    # clone: a slice of a receive buffer may start unaligned, and from_tensor views int32 tables
-    return codec.eg_decode(codec.EGStream.from_tensor(data.clone()))
+    return codec.eg_decode(codec.EGStream.from_tensor(data))
 
 
 def _chunk_bounds(n: int, world: int) -> list[int]:
@@ -63,31 +65,6 @@ def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor | N
     return x[: nfull * block].view(nfull, block), (tail if tail.numel() else None)
 
 
-def _agree(v: torch.Tensor, group, block: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Per block: (max over ranks of RMS, of max |v|), and whether any rank holds an inf/NaN.
-
-    One small all-reduce (MAX) of 2 * blocks + 1 floats.
-    """
-    full, tail = _blocks(v, block)
-    amax = full.abs().amax(1)  # NaN propagates through amax; inf shows as inf
-    ms = torch.einsum("ij,ij->i", full, full) / block
-    if tail is not None:
-        amax = torch.cat([amax, tail.abs().amax().view(1)])
-        ms = torch.cat([ms, (torch.dot(tail, tail) / tail.numel()).view(1)])
-    finite = math.isfinite(float(amax.max()))
-    t = torch.empty(2 * amax.numel() + 1, dtype=torch.float32, device=v.device)
-    nb = amax.numel()
-    if finite:
-        t[:nb] = ms.sqrt_()  # a float32 overflow of ms (|v| > 1e19) only coarsens the step
-        t[nb : 2 * nb] = amax
-        t[-1] = 0.0
-    else:
-        t.zero_()
-        t[-1] = 1.0
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t[:nb], t[nb : 2 * nb], bool(t[-1] > 0)
-
-
 def _steps(state: GCTState, rms: torch.Tensor, amax: torch.Tensor, world: int) -> torch.Tensor:
     """One quantization step per block, the same on every rank (derived from agreed numbers)."""
     cfg = state.cfg
@@ -99,6 +76,94 @@ def _steps(state: GCTState, rms: torch.Tensor, amax: torch.Tensor, world: int) -
     # Never let the integer sums outgrow the codec: coarsen the step instead (same on all ranks).
     steps = torch.maximum(steps, amax * (world / _MAX_LEVEL))
     return torch.where(torch.isfinite(steps), steps, torch.full_like(steps, 3e38))
+
+
+def _prepare(flat: torch.Tensor, residual: torch.Tensor | None, block: int):
+    """``v = flat + residual`` (float32) and the per-block message [rms, amax, non-finite flag].
+
+    On CPU one fused pass, in place when ``flat`` is float32 (it is overwritten with the result
+    at the end anyway); elsewhere torch ops.
+    """
+    n = flat.numel()
+    nb = -(-n // block)
+    t = torch.empty(2 * nb + 1, dtype=torch.float32, device=flat.device)
+    if flat.device.type == "cpu":
+        v = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
+        res = residual.contiguous().numpy() if residual is not None else _EMPTY_F32
+        tn = t.numpy()
+        nonfinite = kernels.add_and_block_stats(
+            v.numpy(), res, block, v.numpy(), tn[:nb], tn[nb : 2 * nb]
+        )
+    else:
+        v = flat.to(torch.float32, copy=True)
+        if residual is not None:
+            v += residual
+        full, tail = _blocks(v, block)
+        amax = full.abs().amax(1)  # NaN propagates through amax; inf shows as inf
+        ms = torch.einsum("ij,ij->i", full, full) / block
+        if tail is not None:
+            amax = torch.cat([amax, tail.abs().amax().view(1)])
+            ms = torch.cat([ms, (torch.dot(tail, tail) / tail.numel()).view(1)])
+        nonfinite = not math.isfinite(float(amax.max()))
+        t[:nb] = ms.sqrt_()  # a float32 overflow of ms (|v| > 1e19) only coarsens the step
+        t[nb : 2 * nb] = amax
+    if nonfinite:
+        t.zero_()
+    t[-1] = 1.0 if nonfinite else 0.0
+    return v, t
+
+
+def _quantize(state: GCTState, v: torch.Tensor, steps: torch.Tensor, block: int, residual):
+    """Levels q (int32), the new residual ``v - q * step`` (None without error feedback), and
+    the sums of err^2 and v^2 (statistics)."""
+    cfg = state.cfg
+    k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0
+    keep = cfg.error_feedback
+    n = v.numel()
+    if v.device.type == "cpu":
+        q = torch.empty(n, dtype=torch.int32)
+        if not keep:
+            err = None
+        elif residual is not None and residual.dtype == torch.float32 and residual.is_contiguous():
+            err = residual  # read already (v holds it): overwrite in place
+        else:
+            err = torch.empty(n, dtype=torch.float32)
+        esq, vsq = kernels.quantize_with_residual(
+            v.numpy(),
+            steps.contiguous().numpy(),
+            block,
+            float(cfg.rdoq_mu),
+            int(k),
+            bool(cfg.zero_runs),
+            q.numpy(),
+            err.numpy() if err is not None else _EMPTY_F32,
+            keep,
+        )
+        return q, err, esq, vsq
+    step = steps.repeat_interleave(block)[:n] if steps.numel() > 1 else float(steps[0])
+    q = quantize_rdoq(v, step, cfg.rdoq_mu, k, cfg.zero_runs)
+    err = v - q.to(torch.float32) * step
+    return q, (err if keep else None), float(torch.dot(err, err)), float(torch.dot(v, v))
+
+
+def _dequantize(
+    sums: torch.Tensor, steps: torch.Tensor, block: int, world: int, average: bool, out
+):
+    """The float32 result ``sums * step`` (/ world), identical on every rank; written into
+    ``out`` when it is a float32 CPU tensor (saves a pass), else returned."""
+    n = sums.numel()
+    if sums.device.type == "cpu":
+        if out is None or out.dtype != torch.float32:
+            out = torch.empty(n, dtype=torch.float32)
+        kernels.dequantize_into(
+            sums.numpy(), steps.contiguous().numpy(), block, world, average, out.numpy()
+        )
+        return out
+    step = steps.repeat_interleave(block)[:n] if steps.numel() > 1 else float(steps[0])
+    out = sums.to(torch.float32) * step
+    if average:
+        out /= world
+    return out
 
 
 def compressed_all_reduce(
@@ -125,30 +190,26 @@ def compressed_all_reduce(
     aliased = tensor.is_contiguous()
     flat = tensor.view(-1) if aliased else tensor.reshape(-1)
     n = flat.numel()
+    block = min(state.cfg.block_size or n, n)
     t0 = time.perf_counter()
-    v = flat.to(torch.float32, copy=True)
-    residual = state.residual(key, v)
-    if residual is not None:
-        v += residual
+    residual = state.residual(key, flat)
+    v, msg = _prepare(flat, residual, block)
+    nb = (msg.numel() - 1) // 2
 
     t1 = time.perf_counter()
-    block = state.cfg.block_size or n
-    rms, amax, nonfinite = _agree(v, group, block)
+    dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=group)
     t2 = time.perf_counter()
     # ring-equivalent bytes of the small all-reduce of per-block numbers
-    tiny_bytes = (2 * rms.numel() + 1) * 4 * 2 * (world - 1) // world
-    if nonfinite:
+    tiny_bytes = msg.numel() * 4 * 2 * (world - 1) // world
+    if msg[-1] > 0:
         tensor.fill_(float("nan"))
         state.record(calls=1, nonfinite_calls=1, comm_s=t2 - t1, bytes_sent=tiny_bytes)
         return tensor
 
-    steps = _steps(state, rms, amax, world)
-    step = steps.repeat_interleave(block)[:n] if steps.numel() > 1 else float(steps[0])
-    k = state.cfg.eg_order if isinstance(state.cfg.eg_order, int) else 0
-    q = quantize_rdoq(v, step, state.cfg.rdoq_mu, k, state.cfg.zero_runs)
-    err = v - q.to(torch.float32) * step
-    rms_local_sq = float(torch.dot(v, v))
-    state.set_residual(key, err)
+    steps = _steps(state, msg[:nb], msg[nb : 2 * nb], world)
+    q, err, err_sq, sig_sq = _quantize(state, v, steps, block, residual)
+    if err is not None:
+        state.set_residual(key, err)
     bounds = _chunk_bounds(n, world)
     # Reduce-scatter phase: every chunk but our own is coded and sent to its owner.
     payload = [
@@ -158,17 +219,19 @@ def compressed_all_reduce(
         for r in range(world)
     ]
     t3 = time.perf_counter()
-    in_len = torch.tensor([p.numel() for p in payload], dtype=torch.int64, device=dev)
+    in_sizes = [p.numel() for p in payload]
+    in_len = torch.tensor(in_sizes, dtype=torch.int64, device=dev)
     out_len = torch.empty(world, dtype=torch.int64, device=dev)
     dist.all_to_all_single(out_len, in_len, group=group)
-    recv = torch.empty(int(out_len.sum()), dtype=torch.uint8, device=dev)
-    dist.all_to_all_single(recv, torch.cat(payload), out_len.tolist(), in_len.tolist(), group=group)
+    out_sizes = out_len.tolist()
+    recv = torch.empty(sum(out_sizes), dtype=torch.uint8, device=dev)
+    dist.all_to_all_single(recv, torch.cat(payload), out_sizes, in_sizes, group=group)
     t4 = time.perf_counter()
     # int32 is exact: _steps keeps |level| * world below 2^29
-    mine = q[bounds[me] : bounds[me + 1]].clone()
-    for piece in torch.split(recv, out_len.tolist()):
+    mine = q[bounds[me] : bounds[me + 1]]
+    for piece in torch.split(recv, out_sizes):
         if piece.numel():
-            mine += decode_chunk(piece)
+            mine += decode_chunk(piece)  # q is ours alone: sum into it in place
     t5 = time.perf_counter()
     coded = encode_chunk(mine, state)
     t6 = time.perf_counter()
@@ -176,26 +239,25 @@ def compressed_all_reduce(
     lens = torch.empty(world, dtype=torch.int64, device=dev)
     own_len = torch.tensor([coded.numel()], dtype=torch.int64, device=dev)
     _all_gather(lens, own_len, group=group)
-    width = int(lens.max())
+    lens_l = lens.tolist()
+    width = max(lens_l)
     padded = torch.zeros(width, dtype=torch.uint8, device=dev)
     padded[: coded.numel()] = coded
     gathered = torch.empty(world * width, dtype=torch.uint8, device=dev)
     _all_gather(gathered, padded, group=group)
     t7 = time.perf_counter()
-    sums = torch.empty(n, dtype=torch.int32, device=dev)
-    for r in range(world):
-        part = mine if r == me else decode_chunk(gathered[r * width : r * width + int(lens[r])])
-        sums[bounds[r] : bounds[r + 1]] = part
-    out = sums.to(torch.float32) * step
-    if average:
-        out /= world
-    flat.copy_(out)
+    for r in range(world):  # q's other chunks become the others' sums; ours is in place
+        if r != me:
+            q[bounds[r] : bounds[r + 1]] = decode_chunk(gathered[r * width : r * width + lens_l[r]])
+    out = _dequantize(q, steps, block, world, average, flat)
+    if out is not flat:
+        flat.copy_(out)
     if not aliased:
         tensor.copy_(flat.view_as(tensor))
     t8 = time.perf_counter()
 
-    sent = int(in_len.sum()) + (world - 1) * width
-    received = int(out_len.sum()) + (world - 1) * width
+    sent = sum(in_sizes) + (world - 1) * width
+    received = sum(out_sizes) + (world - 1) * width
     small = tiny_bytes + 2 * 8 * (world - 1)  # the two length exchanges
     state.record(
         calls=1,
@@ -203,8 +265,8 @@ def compressed_all_reduce(
         bytes_sent=sent + small,
         bytes_received=received + small,
         wire_elements=2.0 * n * (world - 1) / world,
-        quant_sq_err=float(torch.dot(err, err)),
-        signal_sq=rms_local_sq,
+        quant_sq_err=float(err_sq),
+        signal_sq=float(sig_sq),
         encode_s=(t1 - t0) + (t3 - t2) + (t6 - t5),
         comm_s=(t2 - t1) + (t4 - t3) + (t7 - t6),
         decode_s=(t5 - t4) + (t8 - t7),
