@@ -21,6 +21,39 @@ from ggspeed.gct import (
 )
 
 
+@pytest.mark.parametrize(
+    "k,runs,mu", [(0, True, 0.1), (0, False, 0.3), (2, True, 0.5), (1, False, 0)]
+)
+def test_fused_quantize_matches_reference(k: int, runs: bool, mu: float) -> None:
+    """The all-reduce's fused CPU pass gives quantize_rdoq's levels and the exact residual."""
+    import numpy as np
+
+    from ggspeed.gct import kernels
+
+    torch.manual_seed(k)
+    n, block = 20011, 8192
+    v = torch.randn(n) * torch.rand(n) * 40  # levels up to ~100: past the threshold table
+    steps = torch.tensor([0.7, 1.3, 2.0], dtype=torch.float32)
+    q, err = np.empty(n, np.int32), np.empty(n, np.float32)
+    esq, vsq = kernels.quantize_with_residual(
+        v.numpy(), steps.numpy(), block, mu, k, runs, q, err, True
+    )
+    step = steps.repeat_interleave(block)[:n]
+    ref = quantize_rdoq(v, step, mu, k, runs)
+    assert torch.equal(torch.from_numpy(q), ref)
+    ref_err = v - ref.float() * step
+    assert torch.equal(torch.from_numpy(err), ref_err)
+    assert esq == pytest.approx(float(ref_err.double().square().sum()), rel=1e-6)
+    assert vsq == pytest.approx(float(v.double().square().sum()), rel=1e-6)
+
+
+def test_bad_exchange_named() -> None:
+    from ggspeed.gct import compressed_all_reduce
+
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        compressed_all_reduce(torch.zeros(3), GCTState(_gct()), exchange="ring")
+
+
 def _gct(**kw) -> GCTConfig:
     return from_ds_config({"ggspeed": {"gct": {"enabled": True, **kw}}}).gct
 

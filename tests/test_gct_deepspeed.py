@@ -12,7 +12,6 @@ import torch
 
 from tests.dist import run_ranks
 
-
 pytestmark = pytest.mark.dist
 
 GCT = {"enabled": True, "quant_step": 0.5, "rdoq_mu": 0.05}

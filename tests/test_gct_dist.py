@@ -9,7 +9,6 @@ import torch
 from tests.dist import run_ranks
 from tests.test_gct_deepspeed import STEPS
 
-
 pytestmark = pytest.mark.dist
 
 
@@ -33,6 +32,12 @@ def _collective_checks() -> dict:
     for name, cfg, bound in [
         ("round", GCTConfig(enabled=True, error_feedback=False, quant_step=0.5), 0.5),
         ("rdoq", GCTConfig(enabled=True, error_feedback=False, quant_step=0.5, rdoq_mu=0.1), 1.0),
+        # 4 ranks default to reduce_scatter: the other exchange must give the same bits
+        (
+            "rdoq_allgather",
+            GCTConfig(enabled=True, error_feedback=False, quant_step=0.5, rdoq_mu=0.1),
+            1.0,
+        ),
         (
             "abs_auto",
             GCTConfig(
@@ -50,7 +55,8 @@ def _collective_checks() -> dict:
         exact = x.clone()
         dist.all_reduce(exact)
         exact /= world
-        y = compressed_all_reduce(x.clone(), state)
+        exchange = "allgather" if name.endswith("_allgather") else "auto"
+        y = compressed_all_reduce(x.clone(), state, exchange=exchange)
         step = state.stats.last_step
         out[name] = {
             "result": y,
@@ -135,13 +141,15 @@ def _four_ranks() -> dict:
 def test_four_ranks_collective_hook_pipeline() -> None:
     res = run_ranks(_four_ranks, 4, init_pg=False, timeout=300)
     _check_pipeline([r["pipeline"] for r in res])
-    for name in ("round", "rdoq", "abs_auto"):
+    for name in ("round", "rdoq", "rdoq_allgather", "abs_auto"):
         for r in res[1:]:
             assert torch.equal(r[name]["result"], res[0][name]["result"]), name
         for r in res:
             assert r[name]["max_err_steps"] <= r[name]["bound"] * 1.0001, (name, r[name])
             assert 0 < r[name]["bits"] < 8, (name, r[name]["bits"])
     assert res[0]["rdoq"]["bits"] < res[0]["round"]["bits"]
+    # same levels, exact integer sums: the two exchanges agree bit for bit
+    assert torch.equal(res[0]["rdoq"]["result"], res[0]["rdoq_allgather"]["result"])
     assert torch.equal(res[0]["sub"]["result"], res[1]["sub"]["result"])
     assert torch.equal(res[2]["sub"]["result"], res[3]["sub"]["result"])
     assert not torch.equal(res[0]["sub"]["result"], res[2]["sub"]["result"])

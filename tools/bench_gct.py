@@ -117,8 +117,36 @@ def make_hook(method: str, args: argparse.Namespace, named_params=None):
             warm_start=True,
         )
         return powerSGD_hook.powerSGD_hook, st, None
+    if method == "gct_before":  # the same settings through an earlier allreduce.py
+        st = GCTState(gct_config("gct", args))
+        return _before_hook(args.before_impl), st, st
     st = GCTState(gct_config(method, args))
     return gct_hook, st, st
+
+
+def _before_hook(path: str):
+    """A DDP hook running ``compressed_all_reduce`` of another copy of ggspeed/gct/allreduce.py
+    (e.g. ``git show <commit>:ggspeed/gct/allreduce.py > build/allreduce_before.py``), so a
+    before/after comparison runs in one process pair under the same load."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ggspeed.gct._allreduce_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+
+    def hook(state, bucket):  # no annotations: DDP checks them as objects
+        buf = bucket.buffer()
+        mod.compressed_all_reduce(buf, state, None, key=f"ddp{bucket.index()}", average=True)
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        fut.set_result(buf)
+        return fut
+
+    return hook
+
+
+def methods_ar(args: argparse.Namespace) -> list[str]:
+    return METHODS_AR + (["gct_before"] if args.before_impl else [])
 
 
 def spawn(fn, world: int, *args) -> list[Any]:
@@ -201,7 +229,7 @@ def allreduce_rank(rank: int, world: int, cap_path: str, args: argparse.Namespac
     counter = ByteCounter()
     out = {}
     n = sum(torch.Size(s).numel() for s in cap["shapes"])
-    for method in METHODS_AR:
+    for method in methods_ar(args):
         model = StandIn(cap["shapes"])
         ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=64)
         hook, st, gct = make_hook(method, args)
@@ -453,6 +481,11 @@ def main() -> None:
     p.add_argument("--constraint-lambda", type=float, default=1e-3)
     p.add_argument("--methods", default=",".join(METHODS_E2E))
     p.add_argument("--skip", default="", help="comma list of parts to skip: capture,allreduce,e2e")
+    p.add_argument(
+        "--before-impl",
+        default=None,
+        help="path of an earlier ggspeed/gct/allreduce.py: adds method gct_before to the all-reduce",
+    )
     p.add_argument("--report", action="store_true", help="print the tables of <out>/results.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)

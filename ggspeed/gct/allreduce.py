@@ -1,4 +1,4 @@
-"""The compressed all-reduce: Exp-Golomb-coded reduce-scatter + all-gather with error feedback.
+"""The compressed all-reduce: Exp-Golomb-coded levels exchanged between ranks, error feedback.
 
 One call, on every rank of ``group``:
 
@@ -6,11 +6,14 @@ One call, on every rank of ``group``:
 2. One tiny all-reduce (MAX) of [RMS(v), max|v|, non-finite flag]: every rank derives the same
    quantization step, and all of them learn if any rank holds an inf/NaN.
 3. ``q = quantize(v / step)`` (rounding or RDOQ); the new residual is ``v - q * step``.
-4. Compressed reduce-scatter: chunk r of ``q`` is EG-coded and sent to rank r (an exchange of
-   lengths, then one variable-size all_to_all_single of uint8). Rank r decodes and sums its
-   chunk exactly, in integers.
-5. All-gather of the EG-coded sums; every rank decodes the same integers and scales them by the
-   same step, so the result is identical on all ranks bit for bit.
+4. Exchange of the EG-coded levels (``exchange``): an all-gather of every rank's coded q
+   (2 ranks: fewer bytes, 3 collectives per call), or a reduce-scatter (chunk r coded and sent
+   to rank r, summed there exactly in integers) followed by an all-gather of the coded sums.
+5. Every rank holds the same integer sums and scales them by the same step, so the result is
+   identical on all ranks bit for bit.
+
+On CPU the element-wise passes are fused numba kernels (``kernels.py``), single-threaded: ranks
+usually share the cores.
 
 The uncompressed tensor never goes on the wire. Bytes are counted as handed to the collectives.
 """
@@ -37,6 +40,7 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 # Largest |integer sum| allowed: leaves headroom below the codec's 32-bit code width.
 _MAX_LEVEL = 2**29  # codec.MAX_ABS is 2**30 - 1
 _EMPTY_F32 = np.empty(0, dtype=np.float32)
+_EXCHANGES = ("auto", "allgather", "reduce_scatter")
 
 
 def encode_chunk(q: torch.Tensor, state: GCTState) -> torch.Tensor:
@@ -166,52 +170,32 @@ def _dequantize(
     return out
 
 
-def compressed_all_reduce(
-    tensor: torch.Tensor,
-    state: GCTState,
-    group=None,
-    *,
-    key: str = "default",
-    average: bool = True,
-) -> torch.Tensor:
-    """Average (or sum) ``tensor`` over ``group`` in place with EG-coded messages; return it.
+def _gather_coded(coded: torch.Tensor, group, world: int):
+    """All-gather of each rank's coded bytes, padded to the longest (the padding is sent).
 
-    ``key`` names this bucket's error-feedback residual: it must be stable across steps (bucket
-    order, parameter identity), never a data_ptr. Any rank's inf/NaN makes the result NaN on
-    every rank (DeepSpeed's overflow handling then skips the step everywhere) and leaves the
-    residuals as they were.
+    Returns (gathered, lengths, width): rank r's bytes are gathered[r * width:][:lengths[r]].
     """
-    group = group if group is not None else state.group
-    world = dist.get_world_size(group)
-    if world == 1 or tensor.numel() == 0:
-        return tensor
-    me = dist.get_rank(group)
-    dev = tensor.device
-    aliased = tensor.is_contiguous()
-    flat = tensor.view(-1) if aliased else tensor.reshape(-1)
-    n = flat.numel()
-    block = min(state.cfg.block_size or n, n)
-    t0 = time.perf_counter()
-    residual = state.residual(key, flat)
-    v, msg = _prepare(flat, residual, block)
-    nb = (msg.numel() - 1) // 2
+    dev = coded.device
+    lens = torch.empty(world, dtype=torch.int64, device=dev)
+    own_len = torch.tensor([coded.numel()], dtype=torch.int64, device=dev)
+    _all_gather(lens, own_len, group=group)
+    lens_l = lens.tolist()
+    width = max(lens_l)
+    if coded.numel() < width:
+        coded = torch.cat(
+            [coded, torch.zeros(width - coded.numel(), dtype=torch.uint8, device=dev)]
+        )
+    gathered = torch.empty(world * width, dtype=torch.uint8, device=dev)
+    _all_gather(gathered, coded, group=group)
+    return gathered, lens_l, width
 
-    t1 = time.perf_counter()
-    dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=group)
-    t2 = time.perf_counter()
-    # ring-equivalent bytes of the small all-reduce of per-block numbers
-    tiny_bytes = msg.numel() * 4 * 2 * (world - 1) // world
-    if msg[-1] > 0:
-        tensor.fill_(float("nan"))
-        state.record(calls=1, nonfinite_calls=1, comm_s=t2 - t1, bytes_sent=tiny_bytes)
-        return tensor
 
-    steps = _steps(state, msg[:nb], msg[nb : 2 * nb], world)
-    q, err, err_sq, sig_sq = _quantize(state, v, steps, block, residual)
-    if err is not None:
-        state.set_residual(key, err)
+def _reduce_scatter_gather(q: torch.Tensor, state: GCTState, group, world: int, me: int):
+    """Replace q (int32, in place) by the sum over ranks: coded chunk r goes to rank r, which
+    sums it exactly; then an all-gather of the coded sums. Returns phase times and bytes."""
+    dev = q.device
+    n = q.numel()
     bounds = _chunk_bounds(n, world)
-    # Reduce-scatter phase: every chunk but our own is coded and sent to its owner.
     payload = [
         encode_chunk(q[bounds[r] : bounds[r + 1]], state)
         if r != me
@@ -235,20 +219,83 @@ def compressed_all_reduce(
     t5 = time.perf_counter()
     coded = encode_chunk(mine, state)
     t6 = time.perf_counter()
-    # All-gather phase: the coded sums, padded to the longest (the padding counts as sent).
-    lens = torch.empty(world, dtype=torch.int64, device=dev)
-    own_len = torch.tensor([coded.numel()], dtype=torch.int64, device=dev)
-    _all_gather(lens, own_len, group=group)
-    lens_l = lens.tolist()
-    width = max(lens_l)
-    padded = torch.zeros(width, dtype=torch.uint8, device=dev)
-    padded[: coded.numel()] = coded
-    gathered = torch.empty(world * width, dtype=torch.uint8, device=dev)
-    _all_gather(gathered, padded, group=group)
+    gathered, lens, width = _gather_coded(coded, group, world)
     t7 = time.perf_counter()
     for r in range(world):  # q's other chunks become the others' sums; ours is in place
         if r != me:
-            q[bounds[r] : bounds[r + 1]] = decode_chunk(gathered[r * width : r * width + lens_l[r]])
+            q[bounds[r] : bounds[r + 1]] = decode_chunk(gathered[r * width : r * width + lens[r]])
+    sent = sum(in_sizes) + (world - 1) * width
+    received = sum(out_sizes) + (world - 1) * width
+    return t3, t4, t5, t6, t7, sent, received
+
+
+def compressed_all_reduce(
+    tensor: torch.Tensor,
+    state: GCTState,
+    group=None,
+    *,
+    key: str = "default",
+    average: bool = True,
+    exchange: str = "auto",
+) -> torch.Tensor:
+    """Average (or sum) ``tensor`` over ``group`` in place with EG-coded messages; return it.
+
+    ``key`` names this bucket's error-feedback residual: it must be stable across steps (bucket
+    order, parameter identity), never a data_ptr. Any rank's inf/NaN makes the result NaN on
+    every rank (DeepSpeed's overflow handling then skips the step everywhere) and leaves the
+    residuals as they were.
+
+    ``exchange``: "allgather" (every rank's coded levels to every rank: with 2 ranks fewer bytes
+    and 3 collectives instead of 5), "reduce_scatter" (coded chunks to their owners, then an
+    all-gather of the coded sums: wire volume independent of the world size), or "auto"
+    (allgather for 2 ranks). Both give the same result bit for bit.
+    """
+    if exchange not in _EXCHANGES:
+        raise ValueError(
+            f"compressed_all_reduce: exchange must be one of {_EXCHANGES}, got {exchange!r}"
+        )
+    group = group if group is not None else state.group
+    world = dist.get_world_size(group)
+    if world == 1 or tensor.numel() == 0:
+        return tensor
+    me = dist.get_rank(group)
+    aliased = tensor.is_contiguous()
+    flat = tensor.view(-1) if aliased else tensor.reshape(-1)
+    n = flat.numel()
+    block = min(state.cfg.block_size or n, n)
+    t0 = time.perf_counter()
+    residual = state.residual(key, flat)
+    v, msg = _prepare(flat, residual, block)
+    nb = (msg.numel() - 1) // 2
+
+    t1 = time.perf_counter()
+    dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=group)
+    t2 = time.perf_counter()
+    # ring-equivalent bytes of the small all-reduce of per-block numbers
+    tiny_bytes = msg.numel() * 4 * 2 * (world - 1) // world
+    if msg[-1] > 0:
+        tensor.fill_(float("nan"))
+        state.record(calls=1, nonfinite_calls=1, comm_s=t2 - t1, bytes_sent=tiny_bytes)
+        return tensor
+
+    steps = _steps(state, msg[:nb], msg[nb : 2 * nb], world)
+    q, err, err_sq, sig_sq = _quantize(state, v, steps, block, residual)
+    if err is not None:
+        state.set_residual(key, err)
+    if exchange == "allgather" or (exchange == "auto" and world == 2):
+        # Every rank's coded levels to every rank; each sums all of them in rank order.
+        coded = encode_chunk(q, state)
+        t3 = time.perf_counter()
+        gathered, lens, width = _gather_coded(coded, group, world)
+        t4 = t5 = t6 = t7 = time.perf_counter()
+        for r in range(world):
+            if r != me:
+                q += decode_chunk(gathered[r * width : r * width + lens[r]])
+        sent = received = (world - 1) * width
+        small = tiny_bytes + 8 * (world - 1)  # the length exchange
+    else:
+        t3, t4, t5, t6, t7, sent, received = _reduce_scatter_gather(q, state, group, world, me)
+        small = tiny_bytes + 2 * 8 * (world - 1)  # the two length exchanges
     out = _dequantize(q, steps, block, world, average, flat)
     if out is not flat:
         flat.copy_(out)
@@ -256,15 +303,12 @@ def compressed_all_reduce(
         tensor.copy_(flat.view_as(tensor))
     t8 = time.perf_counter()
 
-    sent = sum(in_sizes) + (world - 1) * width
-    received = sum(out_sizes) + (world - 1) * width
-    small = tiny_bytes + 2 * 8 * (world - 1)  # the two length exchanges
     state.record(
         calls=1,
         elements=n,
         bytes_sent=sent + small,
         bytes_received=received + small,
-        wire_elements=2.0 * n * (world - 1) / world,
+        wire_elements=2.0 * n * (world - 1) / world,  # ring-equivalent: fp32 = 32 bits
         quant_sq_err=float(err_sq),
         signal_sq=float(sig_sq),
         encode_s=(t1 - t0) + (t3 - t2) + (t6 - t5),

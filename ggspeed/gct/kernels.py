@@ -74,37 +74,52 @@ def _cost_bits(lev, k, runs):
     return _plain_bits(lev, k)
 
 
+_TABLE = 64  # levels whose round-up threshold is tabulated (larger ones are rare)
+
+
+@numba.njit(cache=True, inline="always")
+def _threshold(lev, mu, k, runs):
+    """RDOQ rounds |y| = lev + f up iff f > this: (1-f)^2 + mu bits(lev+1) < f^2 + mu bits(lev)."""
+    return 0.5 + 0.5 * mu * (_cost_bits(lev + 1, k, runs) - _cost_bits(lev, k, runs))
+
+
 @numba.njit(cache=True, nogil=True)
 def quantize_with_residual(v, steps, block, mu, k, runs, q, err, keep_err):
     """q = RDOQ (mu > 0) or round-half-even (mu = 0) of v / step; err = v - q * step.
 
-    ``err`` is written only if ``keep_err``. Returns (sum err^2, sum v^2) in float64.
+    RDOQ picks floor or ceil of |v| / step, the lower of (|y| - level)^2 + mu * bits(level)
+    (see rdoq.py), as a per-level threshold on the fraction. ``err`` is written only if
+    ``keep_err``. Returns (sum err^2, sum v^2) in float64.
     """
     n = v.size
+    th = np.empty(_TABLE, dtype=np.float64)
+    for lev in range(_TABLE):
+        th[lev] = _threshold(lev, mu, k, runs)
     esq = 0.0
     vsq = 0.0
-    for i in range(n):
-        s = steps[i // block]
-        x = v[i]
-        y = x / s
-        if mu > 0:
-            a = abs(y)
-            lo = np.floor(a)
-            lev = np.int32(lo)
-            if a - lo > 0.5:  # code lengths never shrink with the level: else the floor wins
-                c_lo = (a - lo) ** 2 + mu * _cost_bits(lev, k, runs)
-                c_hi = (lo + 1 - a) ** 2 + mu * _cost_bits(lev + 1, k, runs)
-                if c_hi < c_lo:
+    for b in range(steps.size):
+        s = steps[b]
+        lo = b * block
+        hi = min(lo + block, n)
+        for i in range(lo, hi):
+            x = v[i]
+            y = x / s
+            if mu > 0:
+                a = abs(y)
+                fl = np.floor(a)
+                lev = np.int64(fl)
+                t = th[lev] if lev < _TABLE else _threshold(lev, mu, k, runs)
+                if np.float64(a - fl) > t:
                     lev += 1
-            lv = lev if y >= 0 else -lev
-        else:
-            lv = np.int32(np.rint(y))
-        q[i] = lv
-        e = x - np.float32(lv) * s
-        if keep_err:
-            err[i] = e
-        esq += np.float64(e) * e
-        vsq += np.float64(x) * x
+                lv = lev if y >= 0 else -lev
+            else:
+                lv = np.int64(np.rint(y))
+            q[i] = lv
+            e = x - np.float32(lv) * s
+            if keep_err:
+                err[i] = e
+            esq += np.float64(e) * e
+            vsq += np.float64(x) * x
     return esq, vsq
 
 
@@ -112,6 +127,14 @@ def quantize_with_residual(v, steps, block, mu, k, runs, q, err, keep_err):
 def dequantize_into(sums, steps, block, world, average, out):
     """out = float32(sum) * step (/ world if ``average``), as the torch path computes it."""
     w = np.float32(world)
-    for i in range(sums.size):
-        t = np.float32(sums[i]) * steps[i // block]
-        out[i] = t / w if average else t
+    n = sums.size
+    for b in range(steps.size):
+        s = steps[b]
+        lo = b * block
+        hi = min(lo + block, n)
+        if average:
+            for i in range(lo, hi):
+                out[i] = (np.float32(sums[i]) * s) / w
+        else:
+            for i in range(lo, hi):
+                out[i] = np.float32(sums[i]) * s
