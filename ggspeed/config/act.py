@@ -79,11 +79,12 @@ class ACTConfig(Section):
         "for recomputation) instead of as full tensors.",
     )
     rel_step: float = Field(
-        0.05,
+        0.5,
         gt=0.0,
         le=4.0,
         description="Quantization step relative to each stored tensor's RMS (step = rel_step * "
-        "RMS); also the step of the bits/element telemetry when compress is off.",
+        "RMS); also the step of the bits/element telemetry when compress is off. 0.5 held "
+        "3.5 bits/element within 1% of conventional loss in tools/bench_act.py.",
     )
     bits_target: float | None = Field(
         None,
@@ -100,7 +101,7 @@ class ACTConfig(Section):
         "directly (with a relative step only the shape matters).",
     )
     eg_order: int | Literal["auto"] = Field(
-        0,
+        "auto",
         description="Exp-Golomb order k of the stored streams: an integer 0-15, or auto (the "
         "codec picks k per chunk).",
     )

@@ -50,8 +50,8 @@ def encode_chunk(q: torch.Tensor, state: GCTState) -> torch.Tensor:
 
 
 def decode_chunk(data: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`encode_chunk`: int32 values."""
-    return codec.eg_decode(codec.EGStream.from_tensor(data))
+    """Inverse of :func:`encode_chunk`: int32 values (``from_tensor`` has validated the stream)."""
+    return codec.eg_decode(codec.EGStream.from_tensor(data), validate=False)
 
 
 def _chunk_bounds(n: int, world: int) -> list[int]:
