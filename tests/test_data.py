@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,17 +18,11 @@ from ggspeed.data.indexed import (
     check_dataset_dir,
     eval_batches,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "preprocess_data", ROOT / "tools" / "preprocess_data.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/preprocess_data.py")
 
 
 @pytest.fixture(scope="module")

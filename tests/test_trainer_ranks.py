@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 def load_trainer():
-    spec = importlib.util.spec_from_file_location(
-        "pretrain_gpt", ROOT / "launch" / "pretrain_gpt.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("launch/pretrain_gpt.py")
 
 
 def run_trainer(argv: list[str]) -> dict[str, Any]:
