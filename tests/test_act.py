@@ -381,3 +381,27 @@ def test_state_dict_round_trip():
     assert (fresh.step, fresh.shapes, fresh.rel_steps) == (4, st.shapes, st.rel_steps)
     assert fresh.lambda_for(0) == pytest.approx(0.4) and not fresh.wants_fit(3)
     assert fresh.rel_step_for(0) == 0.7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "eps"), [(1.0, 0.0), (0.7, 1e-3), (1.6, 0.0)])
+def test_rate_backward_matches_pow_formula(dtype, shape, eps):
+    """The fused backward (addcmul, exp/log power) equals grad + coef * dR/da written with pow,
+    in the gradient's dtype, including exact zeros (sign 0) in the activation."""
+    g = torch.Generator().manual_seed(3)
+    a = (torch.randn(64, 33, generator=g) * torch.logspace(-3, 2, 33)).to(dtype)
+    a[0, :5] = 0.0
+    up = torch.randn(64, 33, generator=g).to(dtype)
+    coef = 0.37
+    x = a.float()
+    if shape == 1.0:
+        extra = torch.sign(x) / x.numel()
+    else:
+        extra = shape * (x.abs() + eps).pow(shape - 1.0) * torch.sign(x) / x.numel()
+    want = up + (coef * extra).to(dtype)
+    leaf = a.clone().requires_grad_(True)
+    act.apply_rate(leaf, coef, shape, eps).backward(up)
+    assert leaf.grad.dtype == dtype
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(leaf.grad, want, **tol)
+    assert not torch.isnan(leaf.grad).any()

@@ -118,8 +118,16 @@ def _gather(piece: torch.Tensor, part: Partition, shape: torch.Size) -> torch.Te
 
 
 def rms(a: torch.Tensor) -> float:
-    """Root mean square in float32 (nan/inf when ``a`` holds non-finite values)."""
-    return float(a.detach().float().pow(2).mean().sqrt())
+    """Root mean square in float32 (nan/inf when ``a`` holds non-finite values).
+
+    One fused norm pass (no squared copy): this runs on every checkpoint at a relative step.
+    """
+    x = a.detach()
+    if x.numel() == 0:
+        return math.nan
+    if x.dtype != torch.float32:
+        x = x.float()
+    return float(torch.linalg.vector_norm(x)) / math.sqrt(x.numel())
 
 
 def step_for(a: torch.Tensor, rel_step: float) -> float | None:
