@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.dist import run_ranks
-from tests.test_trainer_ranks import ROOT, load_trainer, run_trainer, run_trainer_sigterm
+from tests.scripts import ROOT
+from tests.test_trainer_ranks import load_trainer, run_trainer, run_trainer_sigterm
 
 MODEL = {"seq_len": 32, "n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64, "dropout": 0.1}
 
