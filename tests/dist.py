@@ -60,13 +60,16 @@ def _entry(
         if init_pg:
             dist.init_process_group("gloo", rank=local_rank, world_size=world_size)
         result = fn(*args, **kwargs)
+        if dist.is_initialized():
+            # Tear the group down together, whoever created it: a rank that exits while its
+            # peer's gloo pairs are still open makes the peer abort ("terminate called without
+            # an active exception") on its way out.
+            dist.barrier()
+            dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(outdir, f"error{local_rank}"), "w") as f:
             f.write(traceback.format_exc())
         raise
-    finally:
-        if init_pg and dist.is_initialized():
-            dist.destroy_process_group()
     with open(os.path.join(outdir, f"result{local_rank}"), "wb") as f:
         pickle.dump(result, f)
 

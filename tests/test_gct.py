@@ -32,19 +32,63 @@ def test_fused_quantize_matches_reference(k: int, runs: bool, mu: float) -> None
 
     torch.manual_seed(k)
     n, block = 20011, 8192
-    v = torch.randn(n) * torch.rand(n) * 40  # levels up to ~100: past the threshold table
+    v = torch.randn(n) * torch.rand(n) * 40
+    v[::97] *= 100  # levels past the threshold table (1024): the exact fix-up pass
     steps = torch.tensor([0.7, 1.3, 2.0], dtype=torch.float32)
     q, err = np.empty(n, np.int32), np.empty(n, np.float32)
-    esq, vsq = kernels.quantize_with_residual(
-        v.numpy(), steps.numpy(), block, mu, k, runs, q, err, True
-    )
+    th = kernels.threshold_table(mu, k, runs)
+    kernels.quantize_with_residual(v.numpy(), steps.numpy(), block, mu, k, runs, th, q, err)
     step = steps.repeat_interleave(block)[:n]
     ref = quantize_rdoq(v, step, mu, k, runs)
     assert torch.equal(torch.from_numpy(q), ref)
-    ref_err = v - ref.float() * step
-    assert torch.equal(torch.from_numpy(err), ref_err)
-    assert esq == pytest.approx(float(ref_err.double().square().sum()), rel=1e-6)
-    assert vsq == pytest.approx(float(v.double().square().sum()), rel=1e-6)
+    assert torch.equal(torch.from_numpy(err), v - ref.float() * step)
+
+
+@pytest.mark.parametrize("order", [0, 2, "auto"])
+@pytest.mark.parametrize("runs", [True, False])
+@pytest.mark.parametrize("segments", [1, 3])
+def test_quantize_encode_gives_the_codec_bytes(order, runs: bool, segments: int) -> None:
+    """The one-pass quantize-and-encode writes, per segment, the very stream ``encode_chunk``
+    makes of the levels (what the receivers' decoder and the CUDA path expect), and
+    ``_decode_add_cpu`` adds a received stream into a level tensor."""
+    from ggspeed.gct import allreduce
+
+    torch.manual_seed(7)
+    n, block = 3 * codec.DEFAULT_CHUNK + 1234, 4096
+    v = torch.randn(n) * (torch.rand(n) < 0.3) * torch.rand(n) * 30
+    steps = torch.rand(-(-n // block)) + 0.5
+    state = GCTState(_gct(eg_order=order, zero_runs=runs, rdoq_mu=0.1))
+    bounds = allreduce._chunk_bounds(n, segments)
+    skip = 1 if segments > 1 else -1
+    residual = torch.zeros(n)
+    q, err, _, _, coded = allreduce._quantize_encode_cpu(
+        state, v.clone(), steps, block, residual, bounds, skip
+    )
+    q_ref, err_ref, _, _ = allreduce._quantize(state, v.clone(), steps, block, torch.zeros(n))
+    assert torch.equal(q, q_ref) and torch.equal(err, err_ref)
+    assert err is residual  # overwritten in place
+    for r in range(segments):
+        seg = q[bounds[r] : bounds[r + 1]]
+        if r == skip:
+            assert coded[r] is None
+            continue
+        assert torch.equal(coded[r], allreduce.encode_chunk(seg, state))
+        buf = allreduce._with_slack(coded[r].numel() + 5, torch.device("cpu"))
+        buf[5 : 5 + coded[r].numel()] = coded[r]
+        acc = torch.randint(-1000, 1000, seg.shape, dtype=torch.int32)
+        want = acc + seg
+        acc0 = acc.clone()
+        allreduce._decode_add_cpu(buf, 5, coded[r].numel(), acc)
+        assert torch.equal(acc, want)
+        # finish: the sums go dequantized to out, exactly as _dequantize computes them
+        seg_steps = steps.repeat_interleave(block)[bounds[r] : bounds[r + 1]]  # block 1
+        out = torch.empty(seg.numel())
+        allreduce._decode_add_cpu(buf, 5, coded[r].numel(), acc0, (seg_steps, 1, 2, True, out))
+        assert torch.equal(out, allreduce._dequantize(want, seg_steps, 1, 2, True, None))
+        with pytest.raises(ValueError, match="truncated"):
+            allreduce._decode_add_cpu(buf, 5, coded[r].numel() - 1, acc.clone())
+        with pytest.raises(ValueError, match="expected"):
+            allreduce._decode_add_cpu(buf, 5, coded[r].numel(), acc[1:].clone())
 
 
 def test_bad_exchange_named() -> None:

@@ -273,10 +273,15 @@ def _code(u, k):
 
 @njit(cache=True, nogil=True)
 def _encode_chunk(q, lo, hi, runs, k0, k1, k2, out, p):
-    """Write one chunk's codes from byte p; only whole words inside the chunk are stored early."""
+    """Write one chunk's codes from byte p; only whole words inside the chunk are stored early.
+
+    Returns (the byte after the chunk, the chunk's code bits): a caller that writes chunks back
+    to back (a fused quantize-and-encode pass) needs no separate counting pass.
+    """
     acc = np.uint64(0)
     nacc = np.uint64(0)  # bits used in acc, from the top
     p = np.uint64(p)
+    p0 = p
     ulo = np.uint64(lo)
     uhi = np.uint64(hi)
     if not runs:
@@ -320,6 +325,7 @@ def _encode_chunk(q, lo, hi, runs, k0, k1, k2, out, p):
         if run > 0:  # trailing zeros: a run with nothing after it (the chunk's size is known)
             val, ln = _code(run, kr)
             p, acc, nacc = _put(out, p, acc, nacc, val, ln)
+    nbits = np.int64(p - p0) * 8 + np.int64(nacc)
     # Last partial word: only its used bytes (the next chunk starts at the following byte).
     sh = np.int64(56)
     left = np.int64(nacc)
@@ -328,7 +334,7 @@ def _encode_chunk(q, lo, hi, runs, k0, k1, k2, out, p):
         p += U64_1
         sh -= 8
         left -= 8
-    return p
+    return p, nbits
 
 
 @njit(cache=True, nogil=True)

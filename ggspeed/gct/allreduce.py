@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 
 from .. import codec
+from ..codec import api as codec_api
+from ..codec import cpu as codec_cpu
 from . import kernels
 from .rdoq import quantize_rdoq
 from .state import GCTState
@@ -41,6 +43,8 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _MAX_LEVEL = 2**29  # codec.MAX_ABS is 2**30 - 1
 _EMPTY_F32 = np.empty(0, dtype=np.float32)
 _EXCHANGES = ("auto", "allgather", "reduce_scatter")
+# Worst case of one element's codes (runs mode: run + sign + ones count + value, each <= 63 bits)
+_MAX_CODE_BYTES = 24
 
 
 def encode_chunk(q: torch.Tensor, state: GCTState) -> torch.Tensor:
@@ -52,6 +56,111 @@ def encode_chunk(q: torch.Tensor, state: GCTState) -> torch.Tensor:
 def decode_chunk(data: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`encode_chunk`: int32 values (``from_tensor`` has validated the stream)."""
     return codec.eg_decode(codec.EGStream.from_tensor(data), validate=False)
+
+
+def _stream_k(state: GCTState) -> tuple[tuple[int, int, int], int | str | tuple[int, int, int]]:
+    """(the kernels' three orders, -1 = per chunk; the ``k`` an EGStream records), as
+    ``codec.eg_encode`` derives them."""
+    k, runs = state.cfg.eg_order, state.cfg.zero_runs
+    ks = codec_api._orders(k, runs)
+    return ks, ("auto" if k == "auto" else ks if runs else ks[0])
+
+
+def _quantize_encode_cpu(
+    state: GCTState,
+    v: torch.Tensor,
+    steps: torch.Tensor,
+    block: int,
+    residual: torch.Tensor | None,
+    bounds: list[int],
+    skip: int,
+):
+    """CPU: levels, residual and the coded segments ``bounds[r]:bounds[r + 1]`` in one pass.
+
+    Returns (q, err, sum err^2, sum v^2, coded): coded[r] is segment r's stream as
+    ``encode_chunk`` would make it from q (the same bytes; a test checks), None for ``skip``.
+    """
+    cfg = state.cfg
+    n = v.numel()
+    ks, kk = _stream_k(state)
+    q = state.workspace("levels", n, torch.int32)  # used up before this call returns
+    err = _err_out(residual, n)
+    chunk = codec.DEFAULT_CHUNK
+    out = np.empty(_MAX_CODE_BYTES * n + 8 * (n // chunk + len(bounds)) + 64, np.uint8)
+    k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0  # RDOQ's rate model
+    seg_bytes, bits, orders, code = kernels.quantize_encode(
+        v.numpy(),
+        steps.contiguous().numpy(),
+        block,
+        float(cfg.rdoq_mu),
+        k,
+        bool(cfg.zero_runs),
+        kernels.threshold_table(cfg.rdoq_mu, k, cfg.zero_runs),
+        np.asarray(bounds, np.int64),
+        skip,
+        chunk,
+        np.asarray(ks, np.int64),
+        q.numpy(),
+        err.numpy(),
+        out,
+    )
+    if code != 0:
+        raise ValueError(f"cannot encode the levels: {codec_cpu.error_message(code, -1)}")
+    coded: list[torch.Tensor | None] = []
+    c = 0
+    for r in range(len(bounds) - 1):
+        if r == skip:
+            coded.append(None)
+            continue
+        numel = bounds[r + 1] - bounds[r]
+        nch = -(-numel // chunk)
+        seg_bits = torch.from_numpy(bits[c : c + nch])
+        stream = codec.EGStream(
+            data=torch.from_numpy(out[seg_bytes[r] : seg_bytes[r + 1]]),
+            numel=numel,
+            k=kk,
+            runs=bool(cfg.zero_runs),
+            nbits=int(seg_bits.sum()),
+            chunk_size=chunk,
+            chunk_bits=seg_bits,
+            orders=torch.from_numpy(orders[c : c + nch]),
+        )
+        coded.append(stream.to_tensor(checksum=False))
+        c += nch
+    return (q, err if cfg.error_feedback else None, *_sums(v, err), coded)
+
+
+def _decode_add_cpu(
+    buf: torch.Tensor, offset: int, length: int, q: torch.Tensor, finish=None
+) -> None:
+    """q += the levels of the stream at ``buf[offset:offset + length]`` (CPU), which must be
+    followed by at least ``codec_cpu.PAD`` bytes of ``buf``; ValueError if it is malformed or
+    does not match q. ``finish = (steps, block, world, average, out)``: instead of storing the
+    sums in q, write them dequantized into ``out`` (float32), as ``_dequantize`` would."""
+    stream = codec.EGStream.from_tensor(buf[offset : offset + length])  # validates the tables
+    if stream.numel != q.numel():
+        raise ValueError(f"received a stream of {stream.numel} levels, expected {q.numel()}")
+    bits = stream.chunk_bits.numpy()
+    payload = offset + length - stream.data.numel()
+    data = buf.numpy()[payload : offset + length + codec_cpu.PAD]
+    steps, block, world, average, out = finish or (None, 1, 1, False, None)
+    code, c = kernels.decode_add(
+        data,
+        stream.chunk_size,
+        stream.runs,
+        bits,
+        stream.orders.contiguous().numpy(),
+        codec_cpu.chunk_starts(bits),
+        q.numpy(),
+        finish is not None,
+        steps.contiguous().numpy() if finish else _EMPTY_F32,
+        block,
+        world,
+        average,
+        out.numpy() if finish else _EMPTY_F32,
+    )
+    if code != 0:
+        raise ValueError(f"cannot decode a received stream: {codec_cpu.error_message(code, c)}")
 
 
 def _chunk_bounds(n: int, world: int) -> list[int]:
@@ -117,37 +226,44 @@ def _prepare(flat: torch.Tensor, residual: torch.Tensor | None, block: int):
     return v, t
 
 
+def _err_out(residual: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Where the CPU kernels write ``v - q * step``: over the old residual when it is a
+    contiguous float32 tensor (read already: v holds it), else a new buffer."""
+    if residual is not None and residual.dtype == torch.float32 and residual.is_contiguous():
+        return residual
+    return torch.empty(n, dtype=torch.float32)
+
+
+def _sums(v: torch.Tensor, err: torch.Tensor) -> tuple[float, float]:
+    """Sum of err^2 and of v^2 (statistics): BLAS dot products, ~4x faster than a numba loop."""
+    return float(torch.dot(err, err)), float(torch.dot(v, v))
+
+
 def _quantize(state: GCTState, v: torch.Tensor, steps: torch.Tensor, block: int, residual):
     """Levels q (int32), the new residual ``v - q * step`` (None without error feedback), and
     the sums of err^2 and v^2 (statistics)."""
     cfg = state.cfg
     k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0
-    keep = cfg.error_feedback
     n = v.numel()
     if v.device.type == "cpu":
         q = torch.empty(n, dtype=torch.int32)
-        if not keep:
-            err = None
-        elif residual is not None and residual.dtype == torch.float32 and residual.is_contiguous():
-            err = residual  # read already (v holds it): overwrite in place
-        else:
-            err = torch.empty(n, dtype=torch.float32)
-        esq, vsq = kernels.quantize_with_residual(
+        err = _err_out(residual, n)
+        kernels.quantize_with_residual(
             v.numpy(),
             steps.contiguous().numpy(),
             block,
             float(cfg.rdoq_mu),
             int(k),
             bool(cfg.zero_runs),
+            kernels.threshold_table(cfg.rdoq_mu, k, cfg.zero_runs),
             q.numpy(),
-            err.numpy() if err is not None else _EMPTY_F32,
-            keep,
+            err.numpy(),
         )
-        return q, err, esq, vsq
-    step = steps.repeat_interleave(block)[:n] if steps.numel() > 1 else float(steps[0])
-    q = quantize_rdoq(v, step, cfg.rdoq_mu, k, cfg.zero_runs)
-    err = v - q.to(torch.float32) * step
-    return q, (err if keep else None), float(torch.dot(err, err)), float(torch.dot(v, v))
+    else:
+        step = steps.repeat_interleave(block)[:n] if steps.numel() > 1 else float(steps[0])
+        q = quantize_rdoq(v, step, cfg.rdoq_mu, k, cfg.zero_runs)
+        err = v - q.to(torch.float32) * step
+    return (q, err if cfg.error_feedback else None, *_sums(v, err))
 
 
 def _dequantize(
@@ -173,7 +289,8 @@ def _dequantize(
 def _gather_coded(coded: torch.Tensor, group, world: int):
     """All-gather of each rank's coded bytes, padded to the longest (the padding is sent).
 
-    Returns (gathered, lengths, width): rank r's bytes are gathered[r * width:][:lengths[r]].
+    Returns (gathered, lengths, width): rank r's bytes are gathered[r * width:][:lengths[r]];
+    ``gathered`` ends with ``codec_cpu.PAD`` zero bytes more (the CPU decoder reads ahead).
     """
     dev = coded.device
     lens = torch.empty(world, dtype=torch.int64, device=dev)
@@ -185,37 +302,52 @@ def _gather_coded(coded: torch.Tensor, group, world: int):
         coded = torch.cat(
             [coded, torch.zeros(width - coded.numel(), dtype=torch.uint8, device=dev)]
         )
-    gathered = torch.empty(world * width, dtype=torch.uint8, device=dev)
-    _all_gather(gathered, coded, group=group)
+    gathered = _with_slack(world * width, dev)
+    _all_gather(gathered[: world * width], coded, group=group)
     return gathered, lens_l, width
 
 
-def _reduce_scatter_gather(q: torch.Tensor, state: GCTState, group, world: int, me: int):
-    """Replace q (int32, in place) by the sum over ranks: coded chunk r goes to rank r, which
-    sums it exactly; then an all-gather of the coded sums. Returns phase times and bytes."""
+def _with_slack(n: int, dev: torch.device) -> torch.Tensor:
+    """An uninitialized uint8 buffer of n bytes followed by ``codec_cpu.PAD`` zero bytes."""
+    buf = torch.empty(n + codec_cpu.PAD, dtype=torch.uint8, device=dev)
+    buf[n:].zero_()
+    return buf
+
+
+def _add_decoded(buf: torch.Tensor, offset: int, length: int, q: torch.Tensor) -> None:
+    """q += the levels coded at buf[offset:offset + length] (a buffer from ``_with_slack``)."""
+    if q.device.type == "cpu":
+        _decode_add_cpu(buf, offset, length, q)
+    else:
+        q += decode_chunk(buf[offset : offset + length])
+
+
+def _reduce_scatter_gather(
+    q: torch.Tensor, payload: list[torch.Tensor], state: GCTState, group, world: int, me: int
+):
+    """Replace q (int32, in place) by the sum over ranks: ``payload[r]`` (the coded chunk r of
+    q; empty for ours) goes to rank r, which sums it exactly; then an all-gather of the coded
+    sums. Returns phase times and bytes."""
     dev = q.device
     n = q.numel()
     bounds = _chunk_bounds(n, world)
-    payload = [
-        encode_chunk(q[bounds[r] : bounds[r + 1]], state)
-        if r != me
-        else torch.empty(0, dtype=torch.uint8, device=dev)
-        for r in range(world)
-    ]
     t3 = time.perf_counter()
     in_sizes = [p.numel() for p in payload]
     in_len = torch.tensor(in_sizes, dtype=torch.int64, device=dev)
     out_len = torch.empty(world, dtype=torch.int64, device=dev)
     dist.all_to_all_single(out_len, in_len, group=group)
     out_sizes = out_len.tolist()
-    recv = torch.empty(sum(out_sizes), dtype=torch.uint8, device=dev)
-    dist.all_to_all_single(recv, torch.cat(payload), out_sizes, in_sizes, group=group)
+    total = sum(out_sizes)
+    recv = _with_slack(total, dev)
+    dist.all_to_all_single(recv[:total], torch.cat(payload), out_sizes, in_sizes, group=group)
     t4 = time.perf_counter()
     # int32 is exact: _steps keeps |level| * world below 2^29
     mine = q[bounds[me] : bounds[me + 1]]
-    for piece in torch.split(recv, out_sizes):
-        if piece.numel():
-            mine += decode_chunk(piece)  # q is ours alone: sum into it in place
+    offset = 0
+    for size in out_sizes:
+        if size:
+            _add_decoded(recv, offset, size, mine)  # q is ours alone: sum into it in place
+        offset += size
     t5 = time.perf_counter()
     coded = encode_chunk(mine, state)
     t6 = time.perf_counter()
@@ -223,7 +355,9 @@ def _reduce_scatter_gather(q: torch.Tensor, state: GCTState, group, world: int, 
     t7 = time.perf_counter()
     for r in range(world):  # q's other chunks become the others' sums; ours is in place
         if r != me:
-            q[bounds[r] : bounds[r + 1]] = decode_chunk(gathered[r * width : r * width + lens[r]])
+            theirs = q[bounds[r] : bounds[r + 1]]
+            theirs.zero_()
+            _add_decoded(gathered, r * width, lens[r], theirs)
     sent = sum(in_sizes) + (world - 1) * width
     received = sum(out_sizes) + (world - 1) * width
     return t3, t4, t5, t6, t7, sent, received
@@ -279,24 +413,47 @@ def compressed_all_reduce(
         return tensor
 
     steps = _steps(state, msg[:nb], msg[nb : 2 * nb], world)
-    q, err, err_sq, sig_sq = _quantize(state, v, steps, block, residual)
+    allgather = exchange == "allgather" or (exchange == "auto" and world == 2)
+    # allgather: every rank's coded levels to every rank; reduce_scatter: coded chunk r to rank r
+    bounds = [0, n] if allgather else _chunk_bounds(n, world)
+    skip = -1 if allgather else me
+    if v.device.type == "cpu":
+        q, err, err_sq, sig_sq, payload = _quantize_encode_cpu(
+            state, v, steps, block, residual, bounds, skip
+        )
+    else:
+        q, err, err_sq, sig_sq = _quantize(state, v, steps, block, residual)
+        payload = [
+            encode_chunk(q[bounds[r] : bounds[r + 1]], state) if r != skip else None
+            for r in range(len(bounds) - 1)
+        ]
     if err is not None:
         state.set_residual(key, err)
-    if exchange == "allgather" or (exchange == "auto" and world == 2):
-        # Every rank's coded levels to every rank; each sums all of them in rank order.
-        coded = encode_chunk(q, state)
+    out = None
+    if allgather:
         t3 = time.perf_counter()
-        gathered, lens, width = _gather_coded(coded, group, world)
+        gathered, lens, width = _gather_coded(payload[0], group, world)
         t4 = t5 = t6 = t7 = time.perf_counter()
-        for r in range(world):
-            if r != me:
-                q += decode_chunk(gathered[r * width : r * width + lens[r]])
+        peers = [r for r in range(world) if r != me]  # integer sums: the order does not matter
+        if q.device.type == "cpu":
+            # the last peer's decode writes the dequantized result (no pass over the sums)
+            out = flat if flat.dtype == torch.float32 else torch.empty(n, dtype=torch.float32)
+            for r in peers:
+                fin = (steps, block, world, average, out) if r == peers[-1] else None
+                _decode_add_cpu(gathered, r * width, lens[r], q, fin)
+        else:
+            for r in peers:
+                _add_decoded(gathered, r * width, lens[r], q)
         sent = received = (world - 1) * width
         small = tiny_bytes + 8 * (world - 1)  # the length exchange
     else:
-        t3, t4, t5, t6, t7, sent, received = _reduce_scatter_gather(q, state, group, world, me)
+        payload[me] = torch.empty(0, dtype=torch.uint8, device=q.device)
+        t3, t4, t5, t6, t7, sent, received = _reduce_scatter_gather(
+            q, payload, state, group, world, me
+        )
         small = tiny_bytes + 2 * 8 * (world - 1)  # the two length exchanges
-    out = _dequantize(q, steps, block, world, average, flat)
+    if out is None:
+        out = _dequantize(q, steps, block, world, average, flat)
     if out is not flat:
         flat.copy_(out)
     if not aliased:

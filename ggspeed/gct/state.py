@@ -75,6 +75,7 @@ class GCTState:
         self._since = GCTStats()
         self._constraint_sum = 0.0
         self._constraint_n = 0
+        self._workspace: dict[str, torch.Tensor] = {}
 
     # ---- error feedback -------------------------------------------------------------------
     def residual(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
@@ -92,6 +93,18 @@ class GCTState:
     def set_residual(self, key: str, value: torch.Tensor) -> None:
         if self.cfg.error_feedback:
             self.residuals[key] = value
+
+    def workspace(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable CPU buffer of n elements (contents undefined), grown on demand.
+
+        A fresh 5 MB tensor per call costs more in page faults than the pass that fills it;
+        calls on one state run one after another, so one buffer per name is enough. Not saved.
+        """
+        spaces = self.__dict__.setdefault("_workspace", {})  # absent in older pickles
+        buf = spaces.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = spaces[name] = torch.empty(n, dtype=dtype)
+        return buf[:n]
 
     # ---- schedule -------------------------------------------------------------------------
     @property
@@ -172,4 +185,5 @@ class GCTState:
     def __getstate__(self) -> dict[str, Any]:
         d = self.__dict__.copy()
         d["group"] = None  # process groups do not pickle; re-attach after unpickling
+        d["_workspace"] = {}
         return d
