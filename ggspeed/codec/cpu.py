@@ -293,37 +293,38 @@ def _encode_chunk(q, lo, hi, runs, k0, k1, k2, out, p):
         kr = np.uint64(k0)
         kb = np.uint64(k1)
         kv = np.uint64(k2)
-        run = np.uint64(0)
+        # Positions of the nonzeros first, without a branch (zeros are most elements and come
+        # in no predictable pattern), then codes for the nonzeros only.
+        nz = np.empty(hi - lo, np.int32)
+        cnt = 0
+        for i in range(lo, hi):
+            nz[cnt] = i
+            cnt += q[i] != 0
+        prev = lo - 1
         need_count = True
-        for i in range(ulo, uhi):
+        for j in range(cnt):
+            i = np.int64(nz[j])
             a = np.int64(q[i])
-            if a == 0:
-                run += U64_1
-                continue
-            val, ln = _code(run, kr)
-            p, acc, nacc = _put(out, p, acc, nacc, val, ln)
-            run = np.uint64(0)
-            p, acc, nacc = _put(out, p, acc, nacc, np.uint64(a < 0), U64_1)
+            # the run's code and the sign bit in one write (a run < 2^23 codes to <= 47 bits)
+            val, ln = _code(np.uint64(i - prev - 1), kr)
+            val = (val << U64_1) | np.uint64(a < 0)
+            p, acc, nacc = _put(out, p, acc, nacc, val, ln + U64_1)
+            prev = i
             m = abs(a)
             if need_count:
                 # How many |q| == 1 nonzeros come before the next |q| >= 2 (or the chunk's end).
-                cnt = np.uint64(0)
-                j = i
-                while j < uhi:
-                    b = abs(np.int64(q[j]))
-                    if b > 1:
-                        break
-                    cnt += np.uint64(b)
-                    j += U64_1
-                val, ln = _code(cnt, kb)
+                t = j
+                while t < cnt and abs(np.int64(q[nz[t]])) == 1:
+                    t += 1
+                val, ln = _code(np.uint64(t - j), kb)
                 p, acc, nacc = _put(out, p, acc, nacc, val, ln)
                 need_count = False
             if m > 1:
                 val, ln = _code(np.uint64(m - 2), kv)
                 p, acc, nacc = _put(out, p, acc, nacc, val, ln)
                 need_count = True
-        if run > 0:  # trailing zeros: a run with nothing after it (the chunk's size is known)
-            val, ln = _code(run, kr)
+        if hi - prev - 1 > 0:  # trailing zeros: a run with nothing after it (size is known)
+            val, ln = _code(np.uint64(hi - prev - 1), kr)
             p, acc, nacc = _put(out, p, acc, nacc, val, ln)
     nbits = np.int64(p - p0) * 8 + np.int64(nacc)
     # Last partial word: only its used bytes (the next chunk starts at the following byte).
