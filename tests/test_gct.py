@@ -109,6 +109,7 @@ def test_config_defaults_and_bad_values() -> None:
     bad = [
         ({"quant_step": 0}, "ggspeed.gct.quant_step"),
         ({"step_mode": "rel"}, "ggspeed.gct.step_mode"),
+        ({"exchange": "ring"}, "ggspeed.gct.exchange"),
         ({"rdoq_mu": -1}, "ggspeed.gct.rdoq_mu"),
         ({"eg_order": 16}, "eg_order"),
         ({"eg_order": "fast"}, "ggspeed.gct.eg_order"),

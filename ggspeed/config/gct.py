@@ -61,6 +61,16 @@ class GCTConfig(Section):
             "1 bit/element."
         ),
     )
+    exchange: Literal["auto", "allgather", "reduce_scatter"] = Field(
+        "auto",
+        description=(
+            "How ranks exchange the coded levels: 'allgather' (every rank's stream to every "
+            "rank: fewest bytes and collectives for 2 ranks, received volume grows with the "
+            "world size), 'reduce_scatter' (coded chunks summed by their owners, then an "
+            "all-gather of the coded sums: volume independent of the world size), 'auto' "
+            "(allgather for 2 ranks, else reduce_scatter). Same result bit for bit."
+        ),
+    )
     error_feedback: bool = Field(
         True,
         description=(

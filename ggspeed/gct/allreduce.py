@@ -370,7 +370,7 @@ def compressed_all_reduce(
     *,
     key: str = "default",
     average: bool = True,
-    exchange: str = "auto",
+    exchange: str | None = None,
 ) -> torch.Tensor:
     """Average (or sum) ``tensor`` over ``group`` in place with EG-coded messages; return it.
 
@@ -379,11 +379,12 @@ def compressed_all_reduce(
     every rank (DeepSpeed's overflow handling then skips the step everywhere) and leaves the
     residuals as they were.
 
-    ``exchange``: "allgather" (every rank's coded levels to every rank: with 2 ranks fewer bytes
-    and 3 collectives instead of 5), "reduce_scatter" (coded chunks to their owners, then an
-    all-gather of the coded sums: wire volume independent of the world size), or "auto"
-    (allgather for 2 ranks). Both give the same result bit for bit.
+    ``exchange`` (default: the config's ``exchange``): "allgather" (every rank's coded levels to
+    every rank: with 2 ranks fewer bytes and 3 collectives instead of 5), "reduce_scatter"
+    (coded chunks to their owners, then an all-gather of the coded sums: wire volume independent
+    of the world size), or "auto" (allgather for 2 ranks). Both give the same result bit for bit.
     """
+    exchange = state.cfg.exchange if exchange is None else exchange
     if exchange not in _EXCHANGES:
         raise ValueError(
             f"compressed_all_reduce: exchange must be one of {_EXCHANGES}, got {exchange!r}"
