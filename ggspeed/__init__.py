@@ -17,6 +17,7 @@ _SUBMODULES = {
     "act",
     "codec",
     "config",
+    "cpu_threads",
     "data",
     "gct",
     "gg",

@@ -243,8 +243,11 @@ def initialize(
     """
     import deepspeed
 
+    from .cpu_threads import limit_codec_threads
+
     ds_config = _ds_config_of(args, config, config_params)
     cfg = from_ds_config(ds_config)
+    limit_codec_threads()  # this rank's share of the CPUs for the codec's parallel kernels
 
     if cfg.gct.enabled:
         from . import gct

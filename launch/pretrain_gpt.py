@@ -316,37 +316,12 @@ def plot(metrics: list[dict[str, Any]], out: Path) -> Path | None:
 # ----------------------------------------------------------------------------- main
 
 
-def codec_threads(environ: Any = os.environ) -> int:
-    """Threads per rank for ggspeed.codec's numba kernels: this rank's share of the CPUs.
-
-    numba otherwise starts one thread per CPU in *every* rank; with several ranks per machine
-    its parallel kernels (GCT buckets, large ACT checkpoints) then oversubscribe the cores and
-    slow everything else down (measured: 4 ranks on 2 cores trained 4.6x slower). The rule
-    follows OMP_NUM_THREADS when set (the per-rank budget the user chose for torch), else CPUs /
-    local ranks.
-    """
-    omp = environ.get("OMP_NUM_THREADS", "")
-    if omp.isdigit() and int(omp) > 0:
-        return int(omp)
-    local = environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE") or "1"
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cpus or 1) // max(1, int(local) if local.isdigit() else 1))
-
-
-def limit_codec_threads() -> int:
-    """Apply :func:`codec_threads` unless NUMBA_NUM_THREADS is set; returns the count in use."""
-    n = int(os.environ.setdefault("NUMBA_NUM_THREADS", str(codec_threads())))
-    numba = sys.modules.get("numba")
-    if numba is not None:  # already imported (in-process callers): its pool is fixed, narrow it
-        n = min(n, numba.config.NUMBA_NUM_THREADS)
-        numba.set_num_threads(n)
-    return n
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the summary dict (also written to <log-dir>/summary.json on rank 0)."""
     args = parse_args(argv)
-    limit_codec_threads()
+    from ggspeed.cpu_threads import limit_codec_threads  # imports neither numba nor torch
+
+    limit_codec_threads()  # before numba's first import (ggspeed.initialize applies it too)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds, cfg, layout, _ = preflight(args, world)
 
