@@ -305,10 +305,11 @@ def _encode_chunk(q, lo, hi, runs, k0, k1, k2, out, p):
         for j in range(cnt):
             i = np.int64(nz[j])
             a = np.int64(q[i])
-            # the run's code and the sign bit in one write (a run < 2^23 codes to <= 47 bits)
-            val, ln = _code(np.uint64(i - prev - 1), kr)
+            # One nonzero's codes are joined into one word while they fit in 63 bits (nearly
+            # always), so the bit writer runs once per nonzero. Run then sign first.
+            val, ln = _code(np.uint64(i - prev - 1), kr)  # a run < 2^23 codes to <= 47 bits
             val = (val << U64_1) | np.uint64(a < 0)
-            p, acc, nacc = _put(out, p, acc, nacc, val, ln + U64_1)
+            ln += U64_1
             prev = i
             m = abs(a)
             if need_count:
@@ -316,13 +317,24 @@ def _encode_chunk(q, lo, hi, runs, k0, k1, k2, out, p):
                 t = j
                 while t < cnt and abs(np.int64(q[nz[t]])) == 1:
                     t += 1
-                val, ln = _code(np.uint64(t - j), kb)
-                p, acc, nacc = _put(out, p, acc, nacc, val, ln)
+                cv, cl = _code(np.uint64(t - j), kb)
+                if ln + cl > np.uint64(63):
+                    p, acc, nacc = _put(out, p, acc, nacc, val, ln)
+                    val, ln = cv, cl
+                else:
+                    val = (val << cl) | cv
+                    ln += cl
                 need_count = False
             if m > 1:
-                val, ln = _code(np.uint64(m - 2), kv)
-                p, acc, nacc = _put(out, p, acc, nacc, val, ln)
+                cv, cl = _code(np.uint64(m - 2), kv)
+                if ln + cl > np.uint64(63):
+                    p, acc, nacc = _put(out, p, acc, nacc, val, ln)
+                    val, ln = cv, cl
+                else:
+                    val = (val << cl) | cv
+                    ln += cl
                 need_count = True
+            p, acc, nacc = _put(out, p, acc, nacc, val, ln)
         if hi - prev - 1 > 0:  # trailing zeros: a run with nothing after it (size is known)
             val, ln = _code(np.uint64(hi - prev - 1), kr)
             p, acc, nacc = _put(out, p, acc, nacc, val, ln)
