@@ -100,7 +100,7 @@ def main() -> None:
         ),
         "quantize, then eg_encode (unfused)": cpu_ms(unfused_encode, args.repeats),
         "quantize-and-encode (fused)": cpu_ms(
-            lambda: ar._quantize_encode_cpu(state, v, steps, block, residual.clone(), bounds, -1),
+            lambda: ar._quantize_encode_cpu(state, v, steps, block, residual, bounds, -1),
             args.repeats,
         ),
         "eg_decode, add, dequantize (unfused)": cpu_ms(unfused_decode, args.repeats),
