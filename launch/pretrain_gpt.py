@@ -558,9 +558,20 @@ def print_summary(s: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
+def shutdown() -> None:
+    """Leave together: a rank exiting while its peers still hold the gloo group's pairs can make
+    them abort on their way out (rank 0 writes the summary after the others are done)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     try:
         main()
     except SetupError as e:
         print(f"pretrain_gpt.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    shutdown()
