@@ -265,6 +265,16 @@ def _put(out, p, acc, nacc, val, ln):
 
 
 @njit(inline="always")
+def _join(out, p, acc, nacc, val, ln, cv, cl):
+    """Append code (cv, cl) to the pending word (val, ln), writing the pending word out first
+    if both would not fit in 63 bits; returns (p, acc, nacc, val, ln)."""
+    if ln + cl > np.uint64(63):
+        p, acc, nacc = _put(out, p, acc, nacc, val, ln)
+        return p, acc, nacc, cv, cl
+    return p, acc, nacc, (val << cl) | cv, ln + cl
+
+
+@njit(inline="always")
 def _code(u, k):
     """(u + 2^k, code length) of EG_k(u): the value is written in that many bits."""
     val = u + (U64_1 << k)
@@ -318,21 +328,11 @@ def _encode_chunk(q, lo, hi, runs, k0, k1, k2, out, p):
                 while t < cnt and abs(np.int64(q[nz[t]])) == 1:
                     t += 1
                 cv, cl = _code(np.uint64(t - j), kb)
-                if ln + cl > np.uint64(63):
-                    p, acc, nacc = _put(out, p, acc, nacc, val, ln)
-                    val, ln = cv, cl
-                else:
-                    val = (val << cl) | cv
-                    ln += cl
+                p, acc, nacc, val, ln = _join(out, p, acc, nacc, val, ln, cv, cl)
                 need_count = False
             if m > 1:
                 cv, cl = _code(np.uint64(m - 2), kv)
-                if ln + cl > np.uint64(63):
-                    p, acc, nacc = _put(out, p, acc, nacc, val, ln)
-                    val, ln = cv, cl
-                else:
-                    val = (val << cl) | cv
-                    ln += cl
+                p, acc, nacc, val, ln = _join(out, p, acc, nacc, val, ln, cv, cl)
                 need_count = True
             p, acc, nacc = _put(out, p, acc, nacc, val, ln)
         if hi - prev - 1 > 0:  # trailing zeros: a run with nothing after it (size is known)
