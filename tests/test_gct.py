@@ -25,23 +25,28 @@ from ggspeed.gct import (
     "k,runs,mu", [(0, True, 0.1), (0, False, 0.3), (2, True, 0.5), (1, False, 0)]
 )
 def test_fused_quantize_matches_reference(k: int, runs: bool, mu: float) -> None:
-    """The all-reduce's fused CPU pass gives quantize_rdoq's levels and the exact residual."""
-    import numpy as np
-
-    from ggspeed.gct import kernels
+    """The all-reduce's fused CPU pass gives quantize_rdoq's levels, the exact residual (in the
+    old residual's memory) and the statistics' sums."""
+    from ggspeed.gct import allreduce
 
     torch.manual_seed(k)
     n, block = 20011, 8192
     v = torch.randn(n) * torch.rand(n) * 40
     v[::97] *= 100  # levels past the threshold table (1024): the exact fix-up pass
     steps = torch.tensor([0.7, 1.3, 2.0], dtype=torch.float32)
-    q, err = np.empty(n, np.int32), np.empty(n, np.float32)
-    th = kernels.threshold_table(mu, k, runs)
-    kernels.quantize_with_residual(v.numpy(), steps.numpy(), block, mu, k, runs, th, q, err)
+    state = GCTState(_gct(eg_order=k, zero_runs=runs, rdoq_mu=mu))
+    residual = torch.zeros(n)
+    # segment 0 skipped: quantization only, as the unfused path would do it
+    q, err, esq, vsq, _ = allreduce._quantize_encode_cpu(
+        state, v, steps, block, residual, [0, n], 0
+    )
     step = steps.repeat_interleave(block)[:n]
     ref = quantize_rdoq(v, step, mu, k, runs)
-    assert torch.equal(torch.from_numpy(q), ref)
-    assert torch.equal(torch.from_numpy(err), v - ref.float() * step)
+    assert torch.equal(q, ref)
+    ref_err = v - ref.float() * step
+    assert err is residual and torch.equal(err, ref_err)
+    assert esq == pytest.approx(float(ref_err.double().square().sum()), rel=1e-6)
+    assert vsq == pytest.approx(float(v.double().square().sum()), rel=1e-6)
 
 
 @pytest.mark.parametrize("order", [0, 2, "auto"])
@@ -64,7 +69,7 @@ def test_quantize_encode_gives_the_codec_bytes(order, runs: bool, segments: int)
     q, err, _, _, coded = allreduce._quantize_encode_cpu(
         state, v.clone(), steps, block, residual, bounds, skip
     )
-    q_ref, err_ref, _, _ = allreduce._quantize(state, v.clone(), steps, block, torch.zeros(n))
+    q_ref, err_ref, _, _ = allreduce._quantize(state, v.clone(), steps, block)
     assert torch.equal(q, q_ref) and torch.equal(err, err_ref)
     assert err is residual  # overwritten in place
     for r in range(segments):

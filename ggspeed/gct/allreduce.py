@@ -84,7 +84,7 @@ def _quantize_encode_cpu(
     n = v.numel()
     ks, kk = _stream_k(state)
     q = state.workspace("levels", n, torch.int32)  # used up before this call returns
-    err = _err_out(residual, n)
+    err = _err_out(state, residual, n)
     chunk = codec.DEFAULT_CHUNK
     out = np.empty(_MAX_CODE_BYTES * n + 8 * (n // chunk + len(bounds)) + 64, np.uint8)
     k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0  # RDOQ's rate model
@@ -226,12 +226,15 @@ def _prepare(flat: torch.Tensor, residual: torch.Tensor | None, block: int):
     return v, t
 
 
-def _err_out(residual: torch.Tensor | None, n: int) -> torch.Tensor:
+def _err_out(state: GCTState, residual: torch.Tensor | None, n: int) -> torch.Tensor:
     """Where the CPU kernels write ``v - q * step``: over the old residual when it is a
-    contiguous float32 tensor (read already: v holds it), else a new buffer."""
+    contiguous float32 tensor (read already: v holds it), else a new buffer (it becomes the
+    residual), or a reused scratch buffer without error feedback."""
     if residual is not None and residual.dtype == torch.float32 and residual.is_contiguous():
         return residual
-    return torch.empty(n, dtype=torch.float32)
+    if state.cfg.error_feedback:
+        return torch.empty(n, dtype=torch.float32)
+    return state.workspace("err", n, torch.float32)
 
 
 def _sums(v: torch.Tensor, err: torch.Tensor) -> tuple[float, float]:
@@ -239,30 +242,16 @@ def _sums(v: torch.Tensor, err: torch.Tensor) -> tuple[float, float]:
     return float(torch.dot(err, err)), float(torch.dot(v, v))
 
 
-def _quantize(state: GCTState, v: torch.Tensor, steps: torch.Tensor, block: int, residual):
-    """Levels q (int32), the new residual ``v - q * step`` (None without error feedback), and
-    the sums of err^2 and v^2 (statistics)."""
+def _quantize(state: GCTState, v: torch.Tensor, steps: torch.Tensor, block: int):
+    """Torch ops (the non-CPU path; on CPU the reference the fused kernel is tested against):
+    levels q (int32), the new residual ``v - q * step`` (None without error feedback), and the
+    sums of err^2 and v^2 (statistics)."""
     cfg = state.cfg
     k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0
     n = v.numel()
-    if v.device.type == "cpu":
-        q = torch.empty(n, dtype=torch.int32)
-        err = _err_out(residual, n)
-        kernels.quantize_with_residual(
-            v.numpy(),
-            steps.contiguous().numpy(),
-            block,
-            float(cfg.rdoq_mu),
-            int(k),
-            bool(cfg.zero_runs),
-            kernels.threshold_table(cfg.rdoq_mu, k, cfg.zero_runs),
-            q.numpy(),
-            err.numpy(),
-        )
-    else:
-        step = steps.repeat_interleave(block)[:n] if steps.numel() > 1 else float(steps[0])
-        q = quantize_rdoq(v, step, cfg.rdoq_mu, k, cfg.zero_runs)
-        err = v - q.to(torch.float32) * step
+    step = steps.repeat_interleave(block)[:n] if steps.numel() > 1 else float(steps[0])
+    q = quantize_rdoq(v, step, cfg.rdoq_mu, k, cfg.zero_runs)
+    err = v - q.to(torch.float32) * step
     return (q, err if cfg.error_feedback else None, *_sums(v, err))
 
 
@@ -423,7 +412,7 @@ def compressed_all_reduce(
             state, v, steps, block, residual, bounds, skip
         )
     else:
-        q, err, err_sq, sig_sq = _quantize(state, v, steps, block, residual)
+        q, err, err_sq, sig_sq = _quantize(state, v, steps, block)
         payload = [
             encode_chunk(q[bounds[r] : bounds[r + 1]], state) if r != skip else None
             for r in range(len(bounds) - 1)

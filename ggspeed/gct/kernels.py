@@ -1,11 +1,12 @@
 """Fused CPU passes of the compressed all-reduce (numba, one thread, no temporaries).
 
 Each torch op over a 1.3M-element gradient is a full memory pass plus an allocation; the
-all-reduce used ~15 of them around the codec. These kernels do the same arithmetic in three
-passes: (residual add + per-block statistics), (quantize + residual + error sums), and
-(dequantize into the output). float32 arithmetic matches the torch path's operation order, so
-the levels and the result are the same on every rank (every rank runs the same code on the
-same agreed steps).
+all-reduce used ~15 of them around the codec. These kernels do the work in three passes:
+(residual add + per-block statistics), (quantize + residual + EG coding, chunk by chunk), and
+(decode each received chunk, add, dequantize into the output); ``dequantize_into`` serves the
+reduce-scatter exchange. float32 arithmetic matches the torch path's operation order, so the
+levels and the result are the same on every rank (every rank runs the same code on the same
+agreed steps).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ __all__ = [
     "decode_add",
     "dequantize_into",
     "quantize_encode",
-    "quantize_with_residual",
 ]
 
 
@@ -170,19 +170,6 @@ def _quantize_range(v, lo, hi, s, th, mu, k, runs, q, err):
 
 
 @numba.njit(cache=True, nogil=True)
-def quantize_with_residual(v, steps, block, mu, k, runs, th, q, err):
-    """q = RDOQ (mu > 0) or round-half-even (mu = 0) of v / step; err = v - q * step.
-
-    RDOQ picks floor or ceil of |v| / step, the lower of (|y| - level)^2 + mu * bits(level)
-    (see rdoq.py), as a per-level threshold on the fraction (``th = threshold_table(...)``).
-    """
-    n = v.size
-    for b in range(steps.size):
-        lo = b * block
-        _quantize_range(v, lo, min(lo + block, n), steps[b], th, mu, k, runs, q, err)
-
-
-@numba.njit(cache=True, nogil=True)
 def dequantize_into(sums, steps, block, world, average, out):
     """out = float32(sum) * step (/ world if ``average``), as the torch path computes it."""
     w = np.float32(world)
@@ -201,7 +188,11 @@ def dequantize_into(sums, steps, block, world, average, out):
 
 @numba.njit(cache=True, nogil=True)
 def quantize_encode(v, steps, block, mu, k, runs, th, seg_lo, skip, chunk, ko, q, err, out):
-    """``quantize_with_residual`` and the EG coding of the levels in one pass over memory.
+    """q = RDOQ (mu > 0) or round-half-even (mu = 0) of v / step, err = v - q * step, and the EG
+    coding of the levels, in one pass over memory.
+
+    RDOQ picks floor or ceil of |v| / step, the lower of (|y| - level)^2 + mu * bits(level)
+    (see rdoq.py), as a per-level threshold on the fraction (``th = threshold_table(...)``).
 
     The levels of each codec chunk are coded right after they are computed, while they are
     still in cache, straight into ``out`` (sized for the worst case): no separate counting pass
