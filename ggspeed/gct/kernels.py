@@ -169,21 +169,26 @@ def _quantize_range(v, lo, hi, s, th, mu, k, runs, q, err):
             ee[i] = x - np.float32(lv) * s
 
 
+@numba.njit(cache=True, inline="always")
+def _dequantize_range(sums, s, w, average, out):
+    """out = float32(sum) * s (/ w if ``average``), as the torch path computes it."""
+    if average:
+        for i in range(sums.size):
+            out[i] = (np.float32(sums[i]) * s) / w
+    else:
+        for i in range(sums.size):
+            out[i] = np.float32(sums[i]) * s
+
+
 @numba.njit(cache=True, nogil=True)
 def dequantize_into(sums, steps, block, world, average, out):
-    """out = float32(sum) * step (/ world if ``average``), as the torch path computes it."""
+    """out = float32(sum) * step (/ world if ``average``), block by block."""
     w = np.float32(world)
     n = sums.size
     for b in range(steps.size):
-        s = steps[b]
         lo = b * block
         hi = min(lo + block, n)
-        if average:
-            for i in range(lo, hi):
-                out[i] = (np.float32(sums[i]) * s) / w
-        else:
-            for i in range(lo, hi):
-                out[i] = np.float32(sums[i]) * s
+        _dequantize_range(sums[lo:hi], steps[b], w, average, out[lo:hi])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -215,7 +220,6 @@ def quantize_encode(v, steps, block, mu, k, runs, th, seg_lo, skip, chunk, ko, q
     auto = ko[0] < 0 or ko[1] < 0 or ko[2] < 0
     p = np.uint64(0)
     c = 0
-    b = 0
     for s in range(nseg):
         seg_bytes[s] = np.int64(p)
         for lo in range(seg_lo[s], seg_lo[s + 1], chunk):
@@ -289,15 +293,7 @@ def decode_add(data, chunk, runs, bits, orders, starts, q, finish, steps, block,
         while i < hi:  # the blocks (steps) overlapping this chunk
             b = i // block
             e = min(hi, (b + 1) * block)
-            s = steps[b]
-            src = buf[i - lo : e - lo]
-            dst = out[i:e]
-            if avg:
-                for j in range(e - i):
-                    dst[j] = (np.float32(src[j]) * s) / w
-            else:
-                for j in range(e - i):
-                    dst[j] = np.float32(src[j]) * s
+            _dequantize_range(buf[i - lo : e - lo], steps[b], w, avg, out[i:e])
             i = e
         buf[:m] = 0
     return 0, -1
