@@ -1,8 +1,9 @@
 """ggspeed.codec's Triton backend against the numba one: byte-identical streams, decoding, errors.
 
-No GPU here, so the Triton kernels run under the interpreter (``TRITON_INTERPRET=1``) on CPU
+Without a GPU the Triton kernels run under the interpreter (``TRITON_INTERPRET=1``) on CPU
 tensors. The variable must be set before triton is imported and must not leak into other tests,
-so the checks run in a fresh subprocess (``_interpreter_checks`` below).
+so those checks run in a fresh subprocess. ``tests/test_codec_cuda.py`` runs the same checks
+(``triton_checks``) compiled, on CUDA tensors, where a GPU is present.
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+_TENSORS = ("data", "chunk_bits", "orders")
 
 
-def _interpreter_checks() -> None:
+def triton_checks(device: str) -> int:
+    """The Triton backend on ``device`` tensors against numba on CPU; returns the encodes compared."""
     import numpy as np
     import torch
 
-    assert os.environ.get("TRITON_INTERPRET") == "1"
     from ggspeed.codec import MAX_ABS, EGStream, eg_code_length, eg_decode, eg_encode, quantize
     from tests.test_codec import MODES, gg_sample
 
     def same(a: EGStream, b: EGStream) -> None:
+        assert b.data.device.type == torch.device(device).type
+        b = EGStream(**{**b.__dict__, **{f: getattr(b, f).cpu() for f in _TENSORS}})
         assert a.nbits == b.nbits and a.numel == b.numel
         assert torch.equal(a.chunk_bits, b.chunk_bits), (a.chunk_bits, b.chunk_bits)
         assert torch.equal(a.orders, b.orders), (a.orders, b.orders)
@@ -47,22 +51,25 @@ def _interpreter_checks() -> None:
     for i, q in enumerate(inputs):
         for j, (k, runs) in enumerate(MODES):
             chunk = (7, 1000, 16384)[(i + j) % 3]
+            if chunk == 7 and q.numel() > 1000:
+                chunk = 77  # still tiny and odd; fewer programs for the interpreter to run
             a = eg_encode(q, k, runs, chunk_size=chunk)
-            b = eg_encode(q, k, runs, chunk_size=chunk, backend="triton")
+            b = eg_encode(q.to(device), k, runs, chunk_size=chunk, backend="triton")
             same(a, b)
-            n = eg_code_length(q, k, runs, chunk_size=chunk, backend="triton")
+            n = eg_code_length(q.to(device), k, runs, chunk_size=chunk, backend="triton")
             assert n == a.nbits
             encoded += 1
     # Long inputs are planned in chunk-aligned slices: force several slices.
     from ggspeed.codec import triton_kernels
 
-    triton_kernels.SLICE_ELEMS = 1000
+    slice_elems, triton_kernels.SLICE_ELEMS = triton_kernels.SLICE_ELEMS, 1000
     for k, runs in MODES[::2]:
         for q in inputs[-2:]:
             a = eg_encode(q, k, runs, chunk_size=300)
-            same(a, eg_encode(q, k, runs, chunk_size=300, backend="triton"))
-            assert eg_code_length(q, k, runs, chunk_size=300, backend="triton") == a.nbits
-    triton_kernels.SLICE_ELEMS = 1 << 24
+            qd = q.to(device)
+            same(a, eg_encode(qd, k, runs, chunk_size=300, backend="triton"))
+            assert eg_code_length(qd, k, runs, chunk_size=300, backend="triton") == a.nbits
+    triton_kernels.SLICE_ELEMS = slice_elems
     # Decoding runs one interpreted instruction at a time: small inputs, every mode.
     small = [
         torch.tensor([0, 5, -3, 0, 0, 0, 1, -1, 1, MAX_ABS, -MAX_ABS, 0, 0, 2, 0, 0]),
@@ -70,34 +77,46 @@ def _interpreter_checks() -> None:
     ]
     for q, modes in ((small[0], MODES), (small[1], MODES[::3])):
         for k, runs in modes:
-            s = eg_encode(q, k, runs, chunk_size=24)
+            s = eg_encode(q.to(device), k, runs, chunk_size=24, backend="triton")
             out = eg_decode(s, backend="triton")
-            assert torch.equal(out, q.flatten().to(torch.int32)), (k, runs, out, q)
-    assert eg_decode(eg_encode(torch.zeros(0, dtype=torch.int32)), backend="triton").numel() == 0
-    # Corruption is caught by the Triton decoder too.
-    s = eg_encode(small[0], "auto", runs=True, chunk_size=8)
-    for mutate in ("ones", "bits"):
-        data, bits = s.data.clone(), s.chunk_bits.clone()
-        if mutate == "ones":
-            data[:] = 255
-        else:
-            bits[0] += 1
-            bits[1] -= 1
-        bad = EGStream(**{**s.__dict__, "data": data, "chunk_bits": bits})
-        try:
-            eg_decode(bad, backend="triton")
-        except ValueError as e:
-            assert "cannot decode" in str(e)
-        else:
-            raise AssertionError(f"corrupt stream ({mutate}) decoded without error")
+            assert out.device.type == torch.device(device).type
+            assert torch.equal(out.cpu(), q.flatten().to(torch.int32)), (k, runs, out, q)
+    empty = eg_encode(torch.zeros(0, dtype=torch.int32, device=device), backend="triton")
+    assert eg_decode(empty, backend="triton").numel() == 0
+    # Corruption is caught by the Triton decoders too (both modes).
+    for runs in (True, False):
+        s = eg_encode(small[0].to(device), "auto", runs=runs, chunk_size=8, backend="triton")
+        for mutate in ("ones", "bits", "pad"):
+            data, bits = s.data.clone(), s.chunk_bits.clone()
+            if mutate == "ones":
+                data[:] = 255
+            elif mutate == "bits":
+                bits[0] += 1
+                bits[1] -= 1
+            else:  # a one in the padding after the last code
+                if int(s.nbits) % 8 == 0:
+                    continue
+                data[-1] |= 1
+            bad = EGStream(**{**s.__dict__, "data": data, "chunk_bits": bits})
+            try:
+                eg_decode(bad, backend="triton")
+            except ValueError as e:
+                assert "cannot decode" in str(e)
+            else:
+                raise AssertionError(f"corrupt stream ({mutate}, runs={runs}) decoded")
     try:
-        eg_encode(torch.tensor([0, MAX_ABS + 1]), backend="triton")
+        eg_encode(torch.tensor([0, MAX_ABS + 1], device=device), backend="triton")
     except ValueError as e:
         assert "supported range" in str(e)
     else:
         raise AssertionError("out-of-range value encoded")
     assert "ggspeed.codec.triton_kernels" in sys.modules
-    print(f"OK {encoded} encodes")
+    return encoded
+
+
+def _interpreter_checks() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    print(f"OK {triton_checks('cpu')} encodes")
 
 
 def test_triton_matches_numba_under_interpreter():
@@ -127,7 +146,19 @@ def test_triton_kernels_compile_for_gpu():
     )
     assert triton.compile(put, target=target).asm["cubin"]
     sig = {"data_ptr": "*u8", "out_ptr": "*i32", "start_ptr": "*i64", "bits_ptr": "*i64"}
-    sig |= {"ord_ptr": "*u8", "err_ptr": "*i32", "n": "i64", "chunk": "i64", "RUNS": "constexpr"}
-    for runs in (False, True):
-        dec = ASTSource(fn=tk._decode_kernel, signature=sig, constexprs={"RUNS": runs})
-        assert triton.compile(dec, target=target).asm["cubin"]
+    sig |= {"ord_ptr": "*u8", "err_ptr": "*i32", "n": "i64", "chunk": "i64"}
+    dec = ASTSource(fn=tk._decode_runs_kernel, signature=sig, constexprs={})
+    assert triton.compile(dec, target=target).asm["cubin"]
+    sig = {"words_ptr": "*i32"} | {k: v for k, v in sig.items() if k != "data_ptr"}
+    sig |= {"nchunks": "i64", "LANES": "constexpr"}
+    dec = ASTSource(fn=tk._decode_plain_kernel, signature=sig, constexprs={"LANES": 32})
+    assert triton.compile(dec, target=target).asm["cubin"]
+    q = {"q_ptr": "*i32"}
+    sig = q | {"bits_ptr": "*i64", "ord_ptr": "*u8", "n": "i64", "chunk": "i64", "k_fixed": "i32"}
+    sig |= {"BLOCK": "constexpr"}
+    stats = ASTSource(fn=tk._plain_stats_kernel, signature=sig, constexprs={"BLOCK": 1024})
+    assert triton.compile(stats, target=target).asm["cubin"]
+    sig = q | {"start_ptr": "*i64", "ord_ptr": "*u8", "out_ptr": "*i32", "n": "i64"}
+    sig |= {"chunk": "i64", "BLOCK": "constexpr"}
+    write = ASTSource(fn=tk._plain_write_kernel, signature=sig, constexprs={"BLOCK": 1024})
+    assert triton.compile(write, target=target).asm["cubin"]

@@ -139,9 +139,9 @@ def test_out_dtype_layout_and_device() -> None:
 def test_cuda_generator_and_device() -> None:
     out = torch.empty(1 << 20, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(3)
-    gg.sample(1.0, 0.02, out=out, generator=g)
+    gg.sample(1.0, 0.02, out=out, generator=g)  # scale 0.02: std 0.02 * sqrt(2) for shape 1
     assert out.device.type == "cuda"
-    assert float(out.double().std()) == pytest.approx(0.02, rel=0.02)
+    assert float(out.double().std()) == pytest.approx(0.02 * math.sqrt(2.0), rel=0.02)
     again = gg.sample(1.0, 0.02, 1 << 20, generator=torch.Generator(device="cuda").manual_seed(3))
     assert torch.equal(out, again)
     with pytest.raises(ValueError, match="generator"):

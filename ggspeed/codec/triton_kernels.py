@@ -1,16 +1,19 @@
 """GPU backend: the same bit format as ``cpu.py``, for CUDA tensors (Triton + torch ops).
 
-Encode is data-parallel over codes: torch ops build every code's symbol (plain: one per element;
-zero-run mode: run, sign, ones-count, big value, in stream order) and the per-chunk length of
-every order from a (bit length, leading ones) histogram, exactly as the numba kernel does, so
-both backends pick the same orders; an exclusive prefix sum of code lengths gives each code's
-bit position, and a Triton kernel ORs the codes into 32-bit words with atomics (chunks start on
-byte boundaries, so neighbouring chunks may share a word; the atomics make that safe).
+Plain-mode encode is two fused kernels, one program per chunk, reading the int32 levels with no
+per-element temporaries: the first sums each order's code length over the chunk and picks the
+order as the numba kernel does; after a prefix sum of the chunk sizes, the second computes every
+code's bit position with a block prefix sum and ORs the codes into 32-bit words with atomics
+(chunks start on byte boundaries, so neighbouring chunks may share a word). Zero-run mode encode
+is data-parallel over codes: torch ops build every code's symbol (run, sign, ones-count, big
+value, in stream order) and each order's per-chunk length from a (bit length, leading ones)
+histogram, exactly as the numba kernel does; a prefix sum of the code lengths gives each code's
+position and a Triton kernel ORs them in the same way.
 
 Decode is sequential inside a chunk (a code's position depends on all before it), parallel over
-chunks: one Triton program per chunk, with the same checks as the numba decoder (every read stays
-inside the padded payload, codes and runs are range checked, each chunk must end exactly at its
-recorded length with zero padding).
+chunks (plain mode: one lane per chunk; zero-run mode: one program per chunk), with the same
+checks as the numba decoder (every read stays inside the padded payload, codes and runs are
+range checked, each chunk must end exactly at its recorded length with zero padding).
 
 Run under ``TRITON_INTERPRET=1`` (set before triton is imported) with CPU tensors, these kernels
 are what the tests compare byte for byte against the numba backend.
@@ -39,6 +42,7 @@ from .cpu import (
 # Kernels may only read globals that are constexpr.
 _MAX_U = tl.constexpr(MAX_U)
 _MAX_BIG = tl.constexpr(MAX_ABS - 2)
+_MAX_K = tl.constexpr(MAX_K)
 _E_END = tl.constexpr(E_END)
 _E_PAD = tl.constexpr(E_PAD)
 _E_PREFIX = tl.constexpr(E_PREFIX)
@@ -48,13 +52,14 @@ _E_VALUE = tl.constexpr(E_VALUE)
 _NB = 33  # bit lengths 0..32
 _NO = 34  # leading-ones counts 0..33
 _BLOCK = 1024
+_LANES = 32  # chunks decoded side by side by one warp (plain mode)
 SLICE_ELEMS = 1 << 24  # elements planned at once (~80 bytes of temporaries per element)
 
 
 # ---------------------------------------------------------------- statistics (torch ops)
 
 
-def _bitlen(x: torch.Tensor) -> torch.Tensor:
+def _bitlen_t(x: torch.Tensor) -> torch.Tensor:
     """Bit length of non-negative int64 values below 2^53 (exact through float64's exponent)."""
     return torch.frexp(x.to(torch.float64))[1].to(torch.int64)
 
@@ -65,8 +70,8 @@ def _order_costs(x: torch.Tensor, cid: torch.Tensor, nchunks: int) -> torch.Tens
     Same (bit length, leading ones) histogram and formula as ``cpu._best_order``.
     """
     dev = x.device
-    b = _bitlen(x)
-    ones = b - _bitlen(x ^ ((1 << b) - 1))
+    b = _bitlen_t(x)
+    ones = b - _bitlen_t(x ^ ((1 << b) - 1))
     key = cid * (_NB * _NO) + b * _NO + ones
     hist = torch.bincount(key, minlength=nchunks * _NB * _NO).view(nchunks, _NB, _NO)
     suffix = hist.flip(-1).cumsum(-1).flip(-1)  # suffix[c, b, j] = #(ones >= j)
@@ -91,11 +96,6 @@ def _choose(costs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         order = torch.argmin(costs, dim=1)  # first minimum: ties go to the smaller order
     return order, costs.gather(1, order[:, None])[:, 0]
-
-
-def _zigzag(q: torch.Tensor) -> torch.Tensor:
-    a = q.to(torch.int64)
-    return torch.where(a > 0, 2 * a - 1, -2 * a)
 
 
 def _run_symbols(q: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
@@ -152,8 +152,10 @@ def _run_symbols(q: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
 
 
 def _check_range(flat: torch.Tensor) -> None:
-    if flat.numel() and int(flat.to(torch.int64).abs().max()) > MAX_ABS:
-        raise ValueError(f"cannot encode: {error_message(E_RANGE, -1)}")
+    if flat.numel():
+        lo, hi = (int(v) for v in torch.aminmax(flat))
+        if min(lo, -hi) < -MAX_ABS:
+            raise ValueError(f"cannot encode: {error_message(E_RANGE, -1)}")
 
 
 def chunk_stats(
@@ -161,29 +163,21 @@ def chunk_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-chunk code bits (int64) and orders (uint8, (nchunks, 3)), as ``cpu.chunk_stats``."""
     _check_range(flat)
-    out = [_plan(flat[lo:hi], chunk, runs, ks)[:2] for lo, hi in _slices(flat.numel(), chunk)]
+    if not runs:
+        return _plain_stats(flat, chunk, ks[0])
+    out = [_plan_runs(flat[lo:hi], chunk, ks)[:2] for lo, hi in _slices(flat.numel(), chunk)]
     return torch.cat([b for b, _ in out]), torch.cat([o for _, o in out])
 
 
 def _eg(x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     val = x + (1 << k)
-    return val, 2 * _bitlen(val) - k - 1
+    return val, 2 * _bitlen_t(val) - k - 1
 
 
-def _plan(flat: torch.Tensor, chunk: int, runs: bool, ks: tuple[int, int, int]):
-    """(bits, orders, (values, lengths) of every code in stream order)."""
-    _check_range(flat)
+def _plan_runs(flat: torch.Tensor, chunk: int, ks: tuple[int, int, int]):
+    """Zero-run mode: (bits, orders, (values, lengths) of every code in stream order)."""
     dev = flat.device
-    n = flat.numel()
-    nchunks = -(-n // chunk)
-    if not runs:
-        u = _zigzag(flat)
-        cid = torch.arange(n, device=dev) // chunk
-        order, bits = _choose(_order_costs(u, cid, nchunks), ks[0])
-        orders = torch.zeros((nchunks, 3), dtype=torch.uint8, device=dev)
-        orders[:, 0] = order.to(torch.uint8)
-        val, ln = _eg(u, order[cid])
-        return bits, orders, (val, ln)
+    nchunks = -(-flat.numel() // chunk)
     s = _run_symbols(flat, chunk)
     orders = torch.zeros((nchunks, 3), dtype=torch.uint8, device=dev)
     bits = torch.bincount(s["sign_cid"], minlength=nchunks).to(torch.int64)  # sign bits
@@ -205,18 +199,14 @@ def _plan(flat: torch.Tensor, chunk: int, runs: bool, ks: tuple[int, int, int]):
 
 
 @triton.jit
-def _put_codes_kernel(val_ptr, len_ptr, pos_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """OR code i (len[i] <= 63 bits of val[i]) into the stream at bit pos[i], MSB first.
+def _or_codes(out_ptr, val, ln, pos, m):
+    """OR codes (``ln`` <= 63 bits of ``val``) into the stream at bit ``pos``, MSB first.
 
     ``out`` is int32 words in memory order; stream bit p is bit 7 - p % 8 of byte p // 8, so each
-    32-bit big-endian piece is byte-swapped before the atomic OR.
+    32-bit big-endian piece is byte-swapped before the atomic OR (atomics: neighbouring codes, and
+    neighbouring chunks, may share a word).
     """
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    val = tl.load(val_ptr + offs, mask=m, other=0).to(tl.uint64)
-    ln = tl.load(len_ptr + offs, mask=m, other=0)
-    pos = tl.load(pos_ptr + offs, mask=m, other=0)
+    val = val.to(tl.uint64)
     w0 = pos >> 5
     e = (pos & 31) + ln  # end of the code, in bits from the start of word w0: 1..94
     for j in tl.static_range(3):
@@ -231,7 +221,109 @@ def _put_codes_kernel(val_ptr, len_ptr, pos_ptr, out_ptr, n, BLOCK: tl.constexpr
             | ((word >> 24) & 0xFF)
         )
         word32 = word.to(tl.uint32).to(tl.int32, bitcast=True)
-        tl.atomic_or(out_ptr + w0 + j, word32, mask=m & (32 * j < e))
+        # relaxed: the ORs commute, and nothing reads the words before the kernel ends
+        tl.atomic_or(out_ptr + w0 + j, word32, mask=m & (32 * j < e), sem="relaxed")
+
+
+@triton.jit
+def _put_codes_kernel(val_ptr, len_ptr, pos_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Write code i (``len[i]`` bits of ``val[i]``) at bit ``pos[i]``: the zero-run mode's codes."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    val = tl.load(val_ptr + offs, mask=m, other=0)
+    ln = tl.load(len_ptr + offs, mask=m, other=0)
+    pos = tl.load(pos_ptr + offs, mask=m, other=0)
+    _or_codes(out_ptr, val, ln, pos, m)
+
+
+# ---------------------------------------------------------------- plain mode: fused kernels
+#
+# One program per chunk reads the int32 levels directly: no per-element temporaries in global
+# memory. Stats: for k="auto" the total length of every order is summed over the chunk, for
+# k = 0..bitlen(max u) only (above that every code is k + 1 bits long, so the total grows with k
+# and cannot be the first minimum); ties go to the smaller order, as in ``cpu._best_order``.
+
+
+@triton.jit
+def _bitlen(x):
+    """Bit length of integers below 2^53 (0 for 0): float64's exponent, exact in that range."""
+    e = (x.to(tl.float64).to(tl.int64, bitcast=True) >> 52) - 1022
+    return tl.maximum(e, 0)
+
+
+@triton.jit
+def _zigzag_u(q):
+    """|q| to the unsigned EG symbol: 2q - 1 for q > 0, -2q otherwise (int64)."""
+    a = q.to(tl.int64)
+    return tl.where(a > 0, 2 * a - 1, -2 * a)
+
+
+@triton.jit
+def _plain_stats_kernel(q_ptr, bits_ptr, ord_ptr, n, chunk, k_fixed, BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, n)
+    offs = tl.arange(0, BLOCK)
+    kmin = k_fixed + tl.zeros((), tl.int64)  # int64 whether k_fixed came typed or constant
+    kmax = kmin
+    if kmin < 0:
+        top = tl.zeros((BLOCK,), tl.int64)
+        for start in range(lo, hi, BLOCK):
+            i = start + offs
+            top = tl.maximum(top, _zigzag_u(tl.load(q_ptr + i, mask=i < hi, other=0)))
+        kmin = tl.zeros((), tl.int64)
+        kmax = tl.minimum(_bitlen(tl.max(top, axis=0)), _MAX_K)
+    best = tl.full((), -1, tl.int64)
+    best_k = kmin
+    for k in range(kmin, kmax + 1):
+        one_k = tl.full((), 1, tl.int64) << k
+        acc = tl.zeros((BLOCK,), tl.int64)
+        for start in range(lo, hi, BLOCK):
+            i = start + offs
+            m = i < hi
+            u = _zigzag_u(tl.load(q_ptr + i, mask=m, other=0))
+            acc += tl.where(m, _bitlen(u + one_k), 0)
+        cost = 2 * tl.sum(acc, axis=0) - (hi - lo) * (k + 1)
+        better = (best < 0) | (cost < best)
+        best = tl.where(better, cost, best)
+        best_k = tl.where(better, k, best_k)
+    tl.store(bits_ptr + c, best)
+    tl.store(ord_ptr + 3 * c, best_k.to(tl.uint8))
+
+
+@triton.jit
+def _plain_write_kernel(q_ptr, start_ptr, ord_ptr, out_ptr, n, chunk, BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, n)
+    offs = tl.arange(0, BLOCK)
+    k = tl.load(ord_ptr + 3 * c).to(tl.int64)
+    pos = tl.load(start_ptr + c) * 8
+    for start in range(lo, hi, BLOCK):
+        i = start + offs
+        m = i < hi
+        val = _zigzag_u(tl.load(q_ptr + i, mask=m, other=0)) + (tl.full((), 1, tl.int64) << k)
+        ln = tl.where(m, 2 * _bitlen(val) - k - 1, 0).to(tl.int32)  # a block's bits fit int32
+        ends = tl.cumsum(ln, axis=0)
+        _or_codes(out_ptr, val, ln, pos + (ends - ln).to(tl.int64), m)
+        pos += tl.sum(ln, axis=0).to(tl.int64)
+
+
+def _chunk_block(chunk: int) -> int:
+    """Elements a plain-mode program handles at once: the chunk, up to _BLOCK."""
+    return max(16, min(_BLOCK, triton.next_power_of_2(chunk)))
+
+
+def _plain_stats(flat: torch.Tensor, chunk: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    nchunks = -(-flat.numel() // chunk)
+    bits = torch.empty(nchunks, dtype=torch.int64, device=flat.device)
+    orders = torch.zeros((nchunks, 3), dtype=torch.uint8, device=flat.device)
+    if nchunks:
+        _plain_stats_kernel[(nchunks,)](
+            flat, bits, orders, flat.numel(), chunk, k, BLOCK=_chunk_block(chunk), num_warps=4
+        )
+    return bits, orders
 
 
 def _starts(bits: torch.Tensor) -> torch.Tensor:
@@ -248,23 +340,39 @@ def _slices(n: int, chunk: int) -> list[tuple[int, int]]:
 def encode(
     flat: torch.Tensor, chunk: int, runs: bool, ks: tuple[int, int, int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(payload uint8, chunk bits int64, orders uint8 (nchunks, 3)), same bytes as cpu.encode.
+    """(payload uint8, chunk bits int64, orders uint8 (nchunks, 3)), same bytes as cpu.encode."""
+    _check_range(flat)
+    if runs:
+        return _encode_runs(flat, chunk, ks)
+    bits, orders = _plain_stats(flat, chunk, ks[0])
+    words, total = _zeroed_payload(bits)
+    if bits.numel():
+        _plain_write_kernel[(bits.numel(),)](
+            flat, _starts(bits), orders, words, flat.numel(), chunk, BLOCK=_chunk_block(chunk)
+        )
+    return words.view(torch.uint8)[:total].clone(), bits, orders
 
-    Inputs longer than SLICE_ELEMS are planned slice by slice twice (once for the chunk sizes,
-    once for the codes) rather than holding every code's temporaries at once.
-    """
-    dev = flat.device
+
+def _zeroed_payload(bits: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Zeroed int32 words for the codes to be ORed into, and the payload's size in bytes."""
+    total = int(((bits + 7) // 8).sum()) if bits.numel() else 0
+    return torch.zeros(total // 4 + 2, dtype=torch.int32, device=bits.device), total
+
+
+def _encode_runs(flat: torch.Tensor, chunk: int, ks: tuple[int, int, int]):
+    """Zero-run mode: torch ops plan every code; inputs longer than SLICE_ELEMS are planned slice
+    by slice twice (once for the chunk sizes, once for the codes) rather than holding every
+    code's temporaries at once."""
     parts = _slices(flat.numel(), chunk)
     if len(parts) == 1:
-        bits, orders, codes = _plan(flat, chunk, runs, ks)
+        bits, orders, codes = _plan_runs(flat, chunk, ks)
     else:
-        bits, orders = chunk_stats(flat, chunk, runs, ks)
-    total = int(((bits + 7) // 8).sum()) if bits.numel() else 0
-    words = torch.zeros(total // 4 + 2, dtype=torch.int32, device=dev)
+        bits, orders = chunk_stats(flat, chunk, True, ks)
+    words, total = _zeroed_payload(bits)
     start_bits = _starts(bits) * 8
     for lo, hi in parts:
         if len(parts) > 1:
-            _, _, codes = _plan(flat[lo:hi], chunk, runs, ks)
+            _, _, codes = _plan_runs(flat[lo:hi], chunk, ks)
         val, ln = codes
         if not val.numel():
             continue
@@ -287,7 +395,23 @@ def _code_chunks(ln: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(bounds, before, right=True)
 
 
-# ---------------------------------------------------------------- decode: one program per chunk
+# ---------------------------------------------------------------- decode
+#
+# Decoding is sequential inside a chunk (a code's position depends on all before it). Plain
+# mode: one lane per chunk, 32 chunks per warp. Zero-run mode (few codes per element at its
+# rates): one program per chunk.
+
+
+@triton.jit
+def _code_at(w, k):
+    """(u, length, ok) of the EG_k code at the top of the 64-bit window ``w`` (uint64)."""
+    hi = w >> 32
+    z = tl.where(hi != 0, 32 - _bitlen(hi), 64 - _bitlen(w & 0xFFFFFFFF))  # leading zeros
+    ok = z + k <= 31
+    ln = tl.where(ok, 2 * z + k + 1, 1)
+    u = (w >> (64 - ln).to(tl.uint64)) - (tl.full((), 1, tl.uint64) << k.to(tl.uint64))
+    ok = ok & (u <= _MAX_U)
+    return u.to(tl.int64), ln, ok
 
 
 @triton.jit
@@ -299,38 +423,73 @@ def _read_code(data_ptr, pos, k):
     b = tl.load(data_ptr + p + offs).to(tl.uint64)
     w = tl.sum(b << ((7 - offs) * 8).to(tl.uint64), axis=0)  # disjoint bytes: sum == OR
     nxt = tl.load(data_ptr + p + 8).to(tl.uint64)
-    w = (w << s) | (nxt >> (8 - s))
-    # z = leading zeros of w, by binary search (inline: nested jit calls are slow to interpret)
-    x = w
-    z = tl.full((), 64, tl.int64)
-    t = x >> 32
-    z -= tl.where(t != 0, 32, 0)
-    x = tl.where(t != 0, t, x)
-    t = x >> 16
-    z -= tl.where(t != 0, 16, 0)
-    x = tl.where(t != 0, t, x)
-    t = x >> 8
-    z -= tl.where(t != 0, 8, 0)
-    x = tl.where(t != 0, t, x)
-    t = x >> 4
-    z -= tl.where(t != 0, 4, 0)
-    x = tl.where(t != 0, t, x)
-    t = x >> 2
-    z -= tl.where(t != 0, 2, 0)
-    x = tl.where(t != 0, t, x)
-    t = x >> 1
-    z -= tl.where(t != 0, 1, 0)
-    x = tl.where(t != 0, t, x)
-    z -= (x != 0).to(tl.int64)
-    ok = z + k <= 31
-    ln = tl.where(ok, 2 * z + k + 1, 1)
-    u = (w >> (64 - ln).to(tl.uint64)) - (tl.full((), 1, tl.uint64) << k.to(tl.uint64))
-    ok = ok & (u <= _MAX_U)
-    return u.to(tl.int64), ln, ok
+    return _code_at((w << s) | (nxt >> (8 - s)), k)
 
 
 @triton.jit
-def _decode_kernel(
+def _big_endian_word(words_ptr, i, m):
+    """Word i of the stream as a uint64 holding its 32 bits, first stream bit most significant."""
+    w = tl.load(words_ptr + i, mask=m, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+    return ((w & 0xFF) << 24) | ((w & 0xFF00) << 8) | ((w >> 8) & 0xFF00) | ((w >> 24) & 0xFF)
+
+
+@triton.jit
+def _decode_plain_kernel(
+    words_ptr,
+    out_ptr,
+    start_ptr,
+    bits_ptr,
+    ord_ptr,
+    err_ptr,
+    n,
+    chunk,
+    nchunks,
+    LANES: tl.constexpr,
+):
+    """One lane per chunk. Each lane holds the three words (a, b, c) under its read position and
+    loads the fourth (d) one code ahead, so a code's decode never waits on memory unless it
+    crosses two word boundaries at once (rare: codes of 33 bits or more)."""
+    c = tl.program_id(0).to(tl.int64) * LANES + tl.arange(0, LANES)
+    live = c < nchunks
+    lo = c * chunk
+    cnt = tl.where(live, tl.minimum(lo + chunk, n) - lo, 0)
+    pos = tl.load(start_ptr + c, mask=live, other=0) * 8
+    end = pos + tl.load(bits_ptr + c, mask=live, other=0)
+    k = tl.load(ord_ptr + 3 * c, mask=live, other=0).to(tl.int64)
+    err = tl.zeros((LANES,), tl.int32)
+    wi = pos >> 5
+    wa = _big_endian_word(words_ptr, wi, live)
+    wb = _big_endian_word(words_ptr, wi + 1, live)
+    wc = _big_endian_word(words_ptr, wi + 2, live)
+    for j in range(0, tl.max(cnt, axis=0)):
+        act = (j < cnt) & (err == 0)
+        wd = _big_endian_word(words_ptr, wi + 3, act)
+        s = (pos & 31).to(tl.uint64)
+        u, ln, ok = _code_at((((wa << 32) | wb) << s) | (wc >> (32 - s)), k)
+        err = tl.where(act & (pos > end), _E_END, err)
+        err = tl.where(act & (err == 0) & (ok == 0), _E_PREFIX, err)
+        good = act & (err == 0)
+        h = (u + 1) >> 1
+        tl.store(out_ptr + lo + j, tl.where((u & 1) != 0, h, -h).to(tl.int32), mask=good)
+        pos = tl.where(good, pos + ln, pos)
+        step = (pos >> 5) - wi  # words passed: 0, 1 or 2 ((pos & 31) + ln <= 94)
+        we = _big_endian_word(words_ptr, wi + 4, good & (step == 2))
+        wa = tl.where(step == 0, wa, tl.where(step == 1, wb, wc))
+        wb = tl.where(step == 0, wb, tl.where(step == 1, wc, wd))
+        wc = tl.where(step == 0, wc, tl.where(step == 1, wd, we))
+        wi += step
+    err = tl.where(live & (err == 0) & (pos != end), _E_END, err)
+    # the last byte's padding bits must be zero
+    last = tl.load(words_ptr + (end >> 5), mask=live, other=0).to(tl.uint32, bitcast=True)
+    byte = ((last >> (8 * ((end >> 3) & 3)).to(tl.uint32)) & 0xFF).to(tl.int64)
+    tail = end & 7
+    bad_pad = (tail != 0) & ((byte & ((1 << (8 - tail)) - 1)) != 0)
+    err = tl.where(live & (err == 0) & bad_pad, _E_PAD, err)
+    tl.store(err_ptr + c, err, mask=live)
+
+
+@triton.jit
+def _decode_runs_kernel(
     data_ptr,
     out_ptr,
     start_ptr,
@@ -339,7 +498,6 @@ def _decode_kernel(
     err_ptr,
     n,
     chunk,
-    RUNS: tl.constexpr,
 ):
     c = tl.program_id(0).to(tl.int64)
     lo = c * chunk
@@ -349,63 +507,50 @@ def _decode_kernel(
     k0 = tl.load(ord_ptr + 3 * c).to(tl.int64)
     err = tl.zeros((), tl.int32)
     i = lo
-    if not RUNS:
-        while (i < hi) & (err == 0):
-            u, ln, ok = _read_code(data_ptr, pos, k0)
-            if pos > end:
-                err = tl.full((), _E_END, tl.int32)
-            elif ok == 0:
-                err = tl.full((), _E_PREFIX, tl.int32)
-            else:
-                pos += ln
-                h = (u + 1) >> 1
-                tl.store(out_ptr + i, tl.where((u & 1) != 0, h, -h).to(tl.int32))
-                i += 1
-    else:
-        k1 = tl.load(ord_ptr + 3 * c + 1).to(tl.int64)
-        k2 = tl.load(ord_ptr + 3 * c + 2).to(tl.int64)
-        ones = tl.full((), -1, tl.int64)
-        while (i < hi) & (err == 0):
-            r, ln, ok = _read_code(data_ptr, pos, k0)
-            if pos > end:
-                err = tl.full((), _E_END, tl.int32)
-            elif ok == 0:
-                err = tl.full((), _E_PREFIX, tl.int32)
-            elif r > hi - i:
-                err = tl.full((), _E_RUN, tl.int32)
-            else:
-                pos += ln
-                i += r
-                if i < hi:
-                    byte = tl.load(data_ptr + (pos >> 3)).to(tl.int64)
-                    neg = (byte >> (7 - (pos & 7))) & 1
-                    pos += 1
-                    if ones < 0:
-                        cnt, ln2, ok2 = _read_code(data_ptr, pos, k1)
-                        if ok2 == 0:
-                            err = tl.full((), _E_PREFIX, tl.int32)
-                        elif cnt > hi - i:
-                            err = tl.full((), _E_RUN, tl.int32)
-                        else:
-                            pos += ln2
-                            ones = cnt
-                    m = tl.full((), 1, tl.int64)
-                    if err == 0:
-                        if ones > 0:
-                            ones -= 1
-                        else:
-                            v, ln3, ok3 = _read_code(data_ptr, pos, k2)
-                            if (ok3 == 0) | (v > _MAX_BIG):
-                                err = tl.full((), _E_VALUE, tl.int32)
-                            else:
-                                pos += ln3
-                                m = v + 2
-                                ones = tl.full((), -1, tl.int64)
-                    if err == 0:
-                        tl.store(out_ptr + i, tl.where(neg != 0, -m, m).to(tl.int32))
-                        i += 1
-        if (err == 0) & (ones > 0):
+    k1 = tl.load(ord_ptr + 3 * c + 1).to(tl.int64)
+    k2 = tl.load(ord_ptr + 3 * c + 2).to(tl.int64)
+    ones = tl.full((), -1, tl.int64)
+    while (i < hi) & (err == 0):
+        r, ln, ok = _read_code(data_ptr, pos, k0)
+        if pos > end:
+            err = tl.full((), _E_END, tl.int32)
+        elif ok == 0:
+            err = tl.full((), _E_PREFIX, tl.int32)
+        elif r > hi - i:
             err = tl.full((), _E_RUN, tl.int32)
+        else:
+            pos += ln
+            i += r
+            if i < hi:
+                byte = tl.load(data_ptr + (pos >> 3)).to(tl.int64)
+                neg = (byte >> (7 - (pos & 7))) & 1
+                pos += 1
+                if ones < 0:
+                    cnt, ln2, ok2 = _read_code(data_ptr, pos, k1)
+                    if ok2 == 0:
+                        err = tl.full((), _E_PREFIX, tl.int32)
+                    elif cnt > hi - i:
+                        err = tl.full((), _E_RUN, tl.int32)
+                    else:
+                        pos += ln2
+                        ones = cnt
+                m = tl.full((), 1, tl.int64)
+                if err == 0:
+                    if ones > 0:
+                        ones -= 1
+                    else:
+                        v, ln3, ok3 = _read_code(data_ptr, pos, k2)
+                        if (ok3 == 0) | (v > _MAX_BIG):
+                            err = tl.full((), _E_VALUE, tl.int32)
+                        else:
+                            pos += ln3
+                            m = v + 2
+                            ones = tl.full((), -1, tl.int64)
+                if err == 0:
+                    tl.store(out_ptr + i, tl.where(neg != 0, -m, m).to(tl.int32))
+                    i += 1
+    if (err == 0) & (ones > 0):
+        err = tl.full((), _E_RUN, tl.int32)
     if (err == 0) & (pos != end):
         err = tl.full((), _E_END, tl.int32)
     if (err == 0) & ((end & 7) != 0):
@@ -422,23 +567,21 @@ def decode(stream) -> torch.Tensor:
     nchunks = stream.nchunks
     if nchunks == 0:
         return out
-    data = torch.cat([stream.data, torch.zeros(PAD, dtype=torch.uint8, device=dev)])
+    pad = PAD + (-stream.data.numel()) % 4  # whole, aligned int32 words for the plain decoder
+    data = torch.cat([stream.data, torch.zeros(pad, dtype=torch.uint8, device=dev)])
     bits = stream.chunk_bits.to(device=dev, dtype=torch.int64)
     starts = _starts(bits)
     orders = stream.orders.to(device=dev, dtype=torch.uint8).contiguous()
     errs = torch.zeros(nchunks, dtype=torch.int32, device=dev)
-    _decode_kernel[(nchunks,)](
-        data,
-        out,
-        starts,
-        bits,
-        orders,
-        errs,
-        stream.numel,
-        stream.chunk_size,
-        RUNS=stream.runs,
-        num_warps=1,  # scalar code: one warp per chunk leaves room for more chunks per SM
-    )
+    args = (out, starts, bits, orders, errs, stream.numel, stream.chunk_size)
+    if stream.runs:
+        # scalar code: one warp per chunk leaves room for more chunks per SM
+        _decode_runs_kernel[(nchunks,)](data, *args, num_warps=1)
+    else:
+        grid = (triton.cdiv(nchunks, _LANES),)
+        _decode_plain_kernel[grid](
+            data.view(torch.int32), *args, nchunks, LANES=_LANES, num_warps=1
+        )
     bad = torch.nonzero(errs).flatten()
     if bad.numel():
         c = int(bad[0])

@@ -213,12 +213,14 @@ def _prepare(flat: torch.Tensor, residual: torch.Tensor | None, block: int):
             v += residual
         full, tail = _blocks(v, block)
         amax = full.abs().amax(1)  # NaN propagates through amax; inf shows as inf
-        ms = torch.einsum("ij,ij->i", full, full) / block
+        # float64 sums of squares as the CPU kernel takes them (float32 products are exact in
+        # float64), so both paths round the same RMS, hence the same steps and levels
+        ms = full.double().square().sum(1) / block
         if tail is not None:
             amax = torch.cat([amax, tail.abs().amax().view(1)])
-            ms = torch.cat([ms, (torch.dot(tail, tail) / tail.numel()).view(1)])
+            ms = torch.cat([ms, (tail.double().square().sum() / tail.numel()).view(1)])
         nonfinite = not math.isfinite(float(amax.max()))
-        t[:nb] = ms.sqrt_()  # a float32 overflow of ms (|v| > 1e19) only coarsens the step
+        t[:nb] = ms.sqrt_()
         t[nb : 2 * nb] = amax
     if nonfinite:
         t.zero_()
