@@ -6,9 +6,9 @@ order as the numba kernel does; after a prefix sum of the chunk sizes, the secon
 code's bit position with a block prefix sum and ORs the codes into 32-bit words with atomics
 (chunks start on byte boundaries, so neighbouring chunks may share a word). Zero-run mode encode
 is data-parallel over codes: torch ops build every code's symbol (run, sign, ones-count, big
-value, in stream order) and each order's per-chunk length from a (bit length, leading ones)
-histogram, exactly as the numba kernel does; a prefix sum of the code lengths gives each code's
-position and a Triton kernel ORs them in the same way.
+value) and each order's per-chunk length from a (bit length, leading ones) histogram, exactly as
+the numba kernel does; a prefix sum of each nonzero's code bits gives every code's position and
+a Triton kernel ORs them in the same way.
 
 Decode is sequential inside a chunk (a code's position depends on all before it), parallel over
 chunks (plain mode: one lane per chunk; zero-run mode: one program per chunk), with the same
@@ -99,7 +99,8 @@ def _choose(costs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run_symbols(q: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
-    """The zero-run mode symbols of flat q, each with its chunk id and stream sort key."""
+    """The zero-run mode symbols of flat q: per nonzero (in stream order) its chunk, zero run,
+    sign, |q|, whether a ones-count precedes it and that count; and each chunk's trailing run."""
     dev = q.device
     n = q.numel()
     nchunks = -(-n // chunk)
@@ -113,10 +114,8 @@ def _run_symbols(q: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
     prev = torch.empty_like(pos)
     prev[1:] = pos[:-1]
     prev = torch.where(same, prev, cid * chunk - 1)
-    run = pos - prev - 1
     prevbig = torch.zeros_like(big)
     prevbig[1:] = big[:-1]
-    emit = ~same | prevbig  # a ones-count precedes the chunk's first nonzero and follows a big one
     # ones-count at j: |q| == 1 nonzeros from j up to the next big one or the chunk's last nonzero
     ones_cs = torch.cumsum((m == 1).to(torch.int64), 0)
     ones_ex = ones_cs - (m == 1).to(torch.int64)
@@ -126,28 +125,23 @@ def _run_symbols(q: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
     nbpos = torch.cat([bigidx, sentinel])[torch.searchsorted(bigidx, j)]  # next big at or after j
     chunk_end = torch.searchsorted(cid, cid, right=True)  # one past the chunk's last nonzero
     stop = torch.minimum(nbpos, chunk_end)
-    count = torch.where(stop > j, ones_cs[(stop - 1).clamp(min=0)] - ones_ex, 0)
     # trailing zero run of each chunk
     hi = torch.clamp((torch.arange(nchunks, device=dev) + 1) * chunk, max=n)
     last = torch.arange(nchunks, device=dev) * chunk - 1
     last = last.scatter_reduce(0, cid, pos, "amax", include_self=True)
     trail = hi - 1 - last
-    has_trail = trail > 0
-    tc = torch.nonzero(has_trail).flatten()
+    tc = torch.nonzero(trail > 0).flatten()
     return {
-        "run": torch.cat([run, trail[tc]]),
-        "run_cid": torch.cat([cid, tc]),
-        "run_key": torch.cat([pos * 5, (hi[tc] - 1) * 5 + 4]),
+        "cid": cid,
+        "run": pos - prev - 1,
         "sign": (a < 0).to(torch.int64),
-        "sign_cid": cid,
-        "sign_key": pos * 5 + 1,
-        "count": count[emit],
-        "count_cid": cid[emit],
-        "count_key": pos[emit] * 5 + 2,
-        "big": m[big] - 2,
-        "big_cid": cid[big],
-        "big_key": pos[big] * 5 + 3,
-        "amax": m.max() if m.numel() else torch.zeros((), dtype=torch.int64, device=dev),
+        "m": m,
+        "big": big,
+        # a ones-count precedes the chunk's first nonzero and the first one after a big one
+        "emit": ~same | prevbig,
+        "count": torch.where(stop > j, ones_cs[(stop - 1).clamp(min=0)] - ones_ex, 0),
+        "trail": trail[tc],
+        "trail_cid": tc,
     }
 
 
@@ -165,8 +159,8 @@ def chunk_stats(
     _check_range(flat)
     if not runs:
         return _plain_stats(flat, chunk, ks[0])
-    out = [_plan_runs(flat[lo:hi], chunk, ks)[:2] for lo, hi in _slices(flat.numel(), chunk)]
-    return torch.cat([b for b, _ in out]), torch.cat([o for _, o in out])
+    out = [_runs_orders(flat[lo:hi], chunk, ks)[:2] for lo, hi in _slices(flat.numel(), chunk)]
+    return torch.cat([b for b, *_ in out]), torch.cat([o for _, o, *_ in out])
 
 
 def _eg(x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,25 +168,56 @@ def _eg(x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return val, 2 * _bitlen_t(val) - k - 1
 
 
-def _plan_runs(flat: torch.Tensor, chunk: int, ks: tuple[int, int, int]):
-    """Zero-run mode: (bits, orders, (values, lengths) of every code in stream order)."""
-    dev = flat.device
+def _runs_orders(flat: torch.Tensor, chunk: int, ks: tuple[int, int, int]):
+    """Zero-run mode: (chunk bits, orders (nchunks, 3), [kr, kb, kv] per chunk, the symbols)."""
     nchunks = -(-flat.numel() // chunk)
     s = _run_symbols(flat, chunk)
-    orders = torch.zeros((nchunks, 3), dtype=torch.uint8, device=dev)
-    bits = torch.bincount(s["sign_cid"], minlength=nchunks).to(torch.int64)  # sign bits
-    vals, lens, keys = [s["sign"]], [torch.ones_like(s["sign"])], [s["sign_key"]]
-    for col, name in enumerate(("run", "count", "big")):
-        x, cid = s[name], s[name + "_cid"]
-        order, b = _choose(_order_costs(x, cid, nchunks), ks[col])
+    cid, emit, big = s["cid"], s["emit"], s["big"]
+    streams = (
+        (torch.cat([s["run"], s["trail"]]), torch.cat([cid, s["trail_cid"]])),
+        (s["count"][emit], cid[emit]),
+        (s["m"][big] - 2, cid[big]),
+    )
+    orders = torch.zeros((nchunks, 3), dtype=torch.uint8, device=flat.device)
+    bits = torch.bincount(cid, minlength=nchunks).to(torch.int64)  # sign bits
+    ks_used = []
+    for col, (x, c) in enumerate(streams):
+        order, b = _choose(_order_costs(x, c, nchunks), ks[col])
         orders[:, col] = order.to(torch.uint8)
         bits += b
-        val, ln = _eg(x, order[cid])
-        vals.append(val)
-        lens.append(ln)
-        keys.append(s[name + "_key"])
-    key_order = torch.argsort(torch.cat(keys))
-    return bits, orders, (torch.cat(vals)[key_order], torch.cat(lens)[key_order])
+        ks_used.append(order)
+    return bits, orders, ks_used, s
+
+
+def _plan_runs(flat: torch.Tensor, chunk: int, ks: tuple[int, int, int]):
+    """Zero-run mode: (bits, orders, codes); codes = (values, lengths, bit offset inside the
+    chunk, chunk) of every code, in no particular order (the writer ORs them in)."""
+    bits, orders, (kr, kb, kv), s = _runs_orders(flat, chunk, ks)
+    cid, emit, big = s["cid"], s["emit"], s["big"]
+    # per nonzero: its run and sign joined into one code (<= 48 bits), then the ones-count
+    # where one is emitted, then |q| - 2 for a big one
+    rv, rl = _eg(s["run"], kr[cid])
+    rv, rl = 2 * rv + s["sign"], rl + 1
+    cv, cl = _eg(s["count"][emit], kb[cid[emit]])
+    vv, vl = _eg(s["m"][big] - 2, kv[cid[big]])
+    cl_all = torch.zeros_like(rl)
+    cl_all[emit] = cl
+    per = rl + cl_all  # bits of each nonzero's codes
+    per[big] += vl
+    tot = torch.zeros(bits.numel(), dtype=torch.int64, device=bits.device)
+    tot.scatter_add_(0, cid, per)  # bits of each chunk's nonzeros; its trailing run follows
+    off = torch.cumsum(per, 0) - per - (torch.cumsum(tot, 0) - tot)[cid]
+    tv, tl_ = _eg(s["trail"], kr[s["trail_cid"]])
+    return (
+        bits,
+        orders,
+        (
+            torch.cat([rv, cv, vv, tv]),
+            torch.cat([rl, cl, vl, tl_]),
+            torch.cat([off, (off + rl)[emit], (off + rl + cl_all)[big], tot[s["trail_cid"]]]),
+            torch.cat([cid, cid[emit], cid[big], s["trail_cid"]]),
+        ),
+    )
 
 
 # ---------------------------------------------------------------- encode: scatter the codes
@@ -373,26 +398,13 @@ def _encode_runs(flat: torch.Tensor, chunk: int, ks: tuple[int, int, int]):
     for lo, hi in parts:
         if len(parts) > 1:
             _, _, codes = _plan_runs(flat[lo:hi], chunk, ks)
-        val, ln = codes
+        val, ln, off, cid = codes
         if not val.numel():
             continue
-        c0 = lo // chunk
-        sbits = bits[c0 : c0 + (hi - lo + chunk - 1) // chunk]
-        # code position = its chunk's start + bits of the chunk's earlier codes
-        before = torch.cumsum(ln, 0) - ln
-        cid = _code_chunks(ln, sbits)
-        chunk_base = torch.cumsum(sbits, 0) - sbits
-        pos = before - chunk_base[cid] + start_bits[c0 + cid]
+        pos = start_bits[lo // chunk + cid] + off
         grid = (triton.cdiv(val.numel(), _BLOCK),)
         _put_codes_kernel[grid](val, ln, pos, words, val.numel(), BLOCK=_BLOCK)
     return words.view(torch.uint8)[:total].clone(), bits, orders
-
-
-def _code_chunks(ln: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Chunk id of each code (codes are in stream order; chunk c holds bits[c] bits of them)."""
-    before = torch.cumsum(ln, 0) - ln
-    bounds = torch.cumsum(bits, 0)
-    return torch.searchsorted(bounds, before, right=True)
 
 
 # ---------------------------------------------------------------- decode
