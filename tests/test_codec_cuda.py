@@ -3,7 +3,7 @@
 Skipped without a GPU (CI has none); run where one is lent (``tools/gpu_checks.sh``). The
 small-input checks are the interpreter suite's (``tests/test_codec_triton.py``) on CUDA tensors;
 the large inputs add what the interpreter cannot afford: millions of codes ORed by many blocks
-at once, and inputs planned in several slices.
+at once, and a zero-run input planned in several slices.
 """
 
 from __future__ import annotations
@@ -27,9 +27,14 @@ def test_small_inputs_match_numba_on_cuda() -> None:
     ("shape", "step", "k", "runs"),
     [(0.5, 0.05, "auto", False), (1.0, 0.3, "auto", False), (1.0, 4.0, "auto", True)],
 )
-def test_large_inputs_match_numba_on_cuda(shape: float, step: float, k: str, runs: bool) -> None:
-    n = triton_kernels.SLICE_ELEMS + 123_457  # two slices, a short last chunk
+def test_large_inputs_match_numba_on_cuda(
+    shape: float, step: float, k: str, runs: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = (1 << 24) + 123_457  # a short last chunk
     q = codec.quantize(gg_sample(shape, 1.0, n, seed=7), step)
+    if runs:  # several planning slices
+        monkeypatch.setattr(triton_kernels, "SLICE_ELEMS", 1 << 16)
+        assert len(triton_kernels._slices(q.cuda().to(torch.int32), codec.DEFAULT_CHUNK)) > 1
     ref = codec.eg_encode(q, k, runs)
     s = codec.eg_encode(q.cuda(), k, runs)  # a CUDA tensor dispatches to Triton
     assert s.data.is_cuda and s.nbits == ref.nbits

@@ -79,25 +79,31 @@ def case(shape: float, target: float, mode: str, n: int, chunk: int, repeats: in
 
 
 def profile(n: int) -> None:
-    """Where encode's and decode's GPU time goes (shape 1, 4 bits, plain auto): the top kernels."""
+    """Where the GPU time goes (shape 1; plain auto at 4 bits, zero-run auto at 0.5 bit): the
+    top kernels of one encode and one decode of each."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     x = gg.sample(1.0, 1.0, n, generator=gen, dtype=torch.float32, device="cuda")
     q = codec.quantize(x, step_for_entropy(1.0, 4.0))
+    q_low = codec.quantize(x, step_for_entropy(1.0, 0.5))
     s = codec.eg_encode(q, "auto")
+    s_low = codec.eg_encode(q_low, "auto", True)
     codec.eg_decode(s, validate=False)
+    codec.eg_decode(s_low, validate=False)
     torch.cuda.synchronize()
     for name, fn in (
         ("encode", lambda: codec.eg_encode(q, "auto")),
         ("decode", lambda: codec.eg_decode(s, validate=False)),
+        ("encode, zero runs", lambda: codec.eg_encode(q_low, "auto", True)),
+        ("decode, zero runs", lambda: codec.eg_decode(s_low, validate=False)),
     ):
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
         print(f"--- {name}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
 
 
 def markdown(rows: list[dict], info: dict) -> str:
