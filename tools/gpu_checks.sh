@@ -2,7 +2,10 @@
 # The checks that need a GPU, in one run (for a lent GPU machine with PyTorch, Triton and numba
 # installed; CI has no GPU and skips them): the CUDA tests, then the Triton codec benchmark.
 #   bash tools/gpu_checks.sh [OUTDIR]     # logs and bench_codec_gpu.{json,md} in OUTDIR
-# Missing pure-Python requirements (pydantic) may be given as wheels in .whl/.
+# Requirements the GPU machine's image lacks (pydantic, deepspeed) may be given as wheels in .whl/:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d .whl pydantic pydantic_core annotated-types typing-inspection typing_extensions
+#   DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8 hjson
 set -uo pipefail
 out=${1:-build/gpu_checks}
 mkdir -p "$out"
