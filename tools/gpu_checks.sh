@@ -7,9 +7,10 @@
 #       -d .whl pydantic pydantic_core annotated-types typing-inspection typing_extensions
 #   DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8 hjson
 set -uo pipefail
-out=${1:-build/gpu_checks}
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=$(realpath -m "${1:-$root/build/gpu_checks}")  # relative to where it is called from
 mkdir -p "$out"
-cd "$(dirname "$0")/.."
+cd "$root"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
