@@ -164,7 +164,7 @@ def chunk_stats(
 
 def _runs_stats(flat: torch.Tensor, chunk: int, ks: tuple[int, int, int], parts):
     out = [_runs_orders(flat[lo:hi], chunk, ks)[:2] for lo, hi in parts]
-    return torch.cat([b for b, *_ in out]), torch.cat([o for _, o, *_ in out])
+    return torch.cat([b for b, _ in out]), torch.cat([o for _, o in out])
 
 
 def _eg(x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,6 +228,13 @@ def _plan_runs(flat: torch.Tensor, chunk: int, ks: tuple[int, int, int]):
 
 
 @triton.jit
+def _bswap32(w):
+    """The byte order of the 32 bits held in uint64 ``w`` reversed (stream bytes <-> int32 words
+    on this little-endian layout)."""
+    return ((w & 0xFF) << 24) | ((w & 0xFF00) << 8) | ((w >> 8) & 0xFF00) | ((w >> 24) & 0xFF)
+
+
+@triton.jit
 def _or_codes(out_ptr, val, ln, pos, m):
     """OR codes (``ln`` <= 63 bits of ``val``) into the stream at bit ``pos``, MSB first.
 
@@ -242,13 +249,7 @@ def _or_codes(out_ptr, val, ln, pos, m):
         sh = e - 32 - 32 * j
         right = val >> tl.minimum(tl.maximum(sh, 0), 63).to(tl.uint64)
         left = val << tl.minimum(tl.maximum(-sh, 0), 63).to(tl.uint64)
-        word = tl.where(sh >= 0, right, left) & 0xFFFFFFFF
-        word = (
-            ((word & 0xFF) << 24)
-            | ((word & 0xFF00) << 8)
-            | ((word >> 8) & 0xFF00)
-            | ((word >> 24) & 0xFF)
-        )
+        word = _bswap32(tl.where(sh >= 0, right, left) & 0xFFFFFFFF)
         word32 = word.to(tl.uint32).to(tl.int32, bitcast=True)
         # relaxed: the ORs commute, and nothing reads the words before the kernel ends
         tl.atomic_or(out_ptr + w0 + j, word32, mask=m & (32 * j < e), sem="relaxed")
@@ -450,8 +451,9 @@ def _read_code(data_ptr, pos, k):
 @triton.jit
 def _big_endian_word(words_ptr, i, m):
     """Word i of the stream as a uint64 holding its 32 bits, first stream bit most significant."""
-    w = tl.load(words_ptr + i, mask=m, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-    return ((w & 0xFF) << 24) | ((w & 0xFF00) << 8) | ((w >> 8) & 0xFF00) | ((w >> 24) & 0xFF)
+    return _bswap32(
+        tl.load(words_ptr + i, mask=m, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+    )
 
 
 @triton.jit
