@@ -56,7 +56,7 @@ def test_quantize_encode_gives_the_codec_bytes(order, runs: bool, segments: int)
     """The one-pass quantize-and-encode writes, per segment, the very stream ``encode_chunk``
     makes of the levels (what the receivers' decoder and the CUDA path expect), and
     ``_decode_add_cpu`` adds a received stream into a level tensor."""
-    from ggspeed.gct import allreduce
+    from ggspeed.gct import allreduce, common
 
     torch.manual_seed(7)
     n, block = 3 * codec.DEFAULT_CHUNK + 1234, 4096
@@ -69,7 +69,7 @@ def test_quantize_encode_gives_the_codec_bytes(order, runs: bool, segments: int)
     q, err, _, _, coded = allreduce._quantize_encode_cpu(
         state, v.clone(), steps, block, residual, bounds, skip
     )
-    q_ref, err_ref, _, _ = allreduce._quantize(state, v.clone(), steps, block)
+    q_ref, err_ref, _, _ = common.quantize_torch(state, v.clone(), steps, block)
     assert torch.equal(q, q_ref) and torch.equal(err, err_ref)
     assert err is residual  # overwritten in place
     for r in range(segments):
@@ -78,7 +78,7 @@ def test_quantize_encode_gives_the_codec_bytes(order, runs: bool, segments: int)
             assert coded[r] is None
             continue
         assert torch.equal(coded[r], allreduce.encode_chunk(seg, state))
-        buf = allreduce._with_slack(coded[r].numel() + 5, torch.device("cpu"))
+        buf = common.with_slack(coded[r].numel() + 5, torch.device("cpu"))
         buf[5 : 5 + coded[r].numel()] = coded[r]
         acc = torch.randint(-1000, 1000, seg.shape, dtype=torch.int32)
         want = acc + seg
@@ -103,6 +103,76 @@ def test_bad_exchange_named() -> None:
         compressed_all_reduce(torch.zeros(3), GCTState(_gct()), exchange="ring")
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"rdoq_mu": 0.1},
+        {"rdoq_mu": 0.3, "eg_order": "auto", "block_size": 0},
+        {"zero_runs": False, "eg_order": 2, "quant_step": 0.3},
+        {"step_mode": "absolute", "quant_step": 2e-2, "rdoq_mu": 0.05, "error_feedback": False},
+    ],
+)
+def test_per_rank_pass_matches_torch_path(kw: dict) -> None:
+    """The per-rank-steps CPU pass (add, own steps, quantize, code in one pass) gives the torch
+    path's steps, levels, residual and stream bytes; the receivers' weighted sum equals the
+    torch ops' rank-ordered sum bit for bit; a non-finite gradient leaves the residual alone."""
+    from ggspeed.gct import common, per_rank
+
+    torch.manual_seed(3)
+    n = 3 * codec.DEFAULT_CHUNK + 999
+    cfg = _gct(**kw)
+    block = min(cfg.block_size or n, n)
+    ranks = []
+    for r in range(3):
+        state = GCTState(cfg)
+        x = torch.randn(n) * (torch.rand(n) < 0.5) * (r + 1)
+        x[:5000] *= 50  # a loud block: its own, coarser step
+        x[5000:9000] = 0  # an all-zero block
+        residual = torch.randn(n) * 0.1 if cfg.error_feedback else None
+        live = residual.clone() if residual is not None else None
+        q, err, steps, coded, esq, vsq = per_rank._encode_cpu(state, x, residual, "b", block)
+        tq, terr, tsteps, tcoded, tesq, tvsq = per_rank._encode_torch(state, x, residual, block)
+        assert torch.equal(steps, tsteps) and torch.equal(q, tq) and torch.equal(coded, tcoded)
+        # statistics: float64 sums here, float32 BLAS dot products there
+        assert vsq == pytest.approx(tvsq, rel=1e-4) and esq == pytest.approx(tesq, rel=1e-4)
+        if residual is not None:
+            assert torch.equal(err, terr) and torch.equal(residual, live)  # not written over
+        ranks.append((q.clone(), steps, coded))
+    # The gathered buffer as gather_coded lays it out: header (flag, steps), stream, padding.
+    nb = ranks[0][1].numel()
+    parts = [torch.cat([torch.tensor([0.0]), s]).view(torch.uint8) for _, s, _ in ranks]
+    lens = [p.numel() + c.numel() for p, (_, _, c) in zip(parts, ranks, strict=True)]
+    width = max(lens) + 3
+    buf = common.with_slack(3 * width, torch.device("cpu"))
+    for r, (p, (_, _, c)) in enumerate(zip(parts, ranks, strict=True)):
+        buf[r * width : r * width + lens[r]] = torch.cat([p, c])
+    steps = torch.stack([s for _, s, _ in ranks])
+    for me in range(3):
+        for average in (True, False):
+            want = per_rank._decode_torch(buf, lens, width, me, ranks[me][0], steps, block, average)
+            out = torch.empty(n)
+            per_rank._decode_cpu(
+                GCTState(cfg), buf, lens, width, me, ranks[me][0], steps, block, average, out
+            )
+            assert torch.equal(out, want)
+    bad = buf.clone()
+    bad[2 * width + 4 * (nb + 1) + 80] ^= 0xFF  # rank 2's payload (after 76 bytes of tables)
+    with pytest.raises(ValueError, match="cannot decode rank 2's stream"):
+        per_rank._decode_cpu(
+            GCTState(cfg), bad, lens, width, 0, ranks[0][0], steps, block, True, out
+        )
+    # A non-finite gradient stops the pass: no stream, and the live residual is untouched.
+    state = GCTState(cfg)
+    x = torch.randn(n)
+    x[n - 3] = float("nan")
+    residual = torch.randn(n) if cfg.error_feedback else None
+    live = residual.clone() if residual is not None else None
+    *_, coded, _, _ = per_rank._encode_cpu(state, x, residual, "b", block)
+    assert coded is None
+    if residual is not None:
+        assert torch.equal(residual, live)
+
+
 def _gct(**kw) -> GCTConfig:
     return from_ds_config({"ggspeed": {"gct": {"enabled": True, **kw}}}).gct
 
@@ -115,6 +185,8 @@ def test_config_defaults_and_bad_values() -> None:
         ({"quant_step": 0}, "ggspeed.gct.quant_step"),
         ({"step_mode": "rel"}, "ggspeed.gct.step_mode"),
         ({"exchange": "ring"}, "ggspeed.gct.exchange"),
+        ({"step_agreement": "mine"}, "ggspeed.gct.step_agreement"),
+        ({"step_agreement": "per_rank"}, "step_agreement 'per_rank' needs exchange 'allgather'"),
         ({"rdoq_mu": -1}, "ggspeed.gct.rdoq_mu"),
         ({"eg_order": 16}, "eg_order"),
         ({"eg_order": "fast"}, "ggspeed.gct.eg_order"),

@@ -42,8 +42,15 @@ def _collective_checks() -> dict:
                 quant_step=0.5,
                 rdoq_mu=0.1,
                 exchange="allgather",
+                step_agreement="collective",
             ),
             1.0,
+        ),
+        # each rank's own steps, sent with its levels: within half of the largest step
+        (
+            "per_rank",
+            GCTConfig(enabled=True, error_feedback=False, quant_step=0.5, exchange="allgather"),
+            0.5,
         ),
         (
             "abs_auto",
@@ -111,6 +118,21 @@ def _collective_checks() -> dict:
     y = compressed_all_reduce(x, state, key="b")
     out["nonfinite_all_nan"] = bool(torch.isnan(y).all())
     out["residual_kept"] = bool(torch.equal(before, state.residuals["b"]))
+    # The same on the 2-rank subgroups, whose default is per-rank steps: the flag travels in
+    # the payload header, after this rank has quantized (its new residual must not be kept).
+    state = GCTState(GCTConfig(enabled=True))
+    compressed_all_reduce(_grad_like(rank, 100), state, sub, key="b")
+    before = state.residuals["b"].clone()
+    x = _grad_like(7 + rank, 100)
+    if rank in (1, 2):
+        x[3] = float("nan")
+    y = compressed_all_reduce(x, state, sub, key="b")
+    out["nonfinite_sub"] = (
+        bool(torch.isnan(y).all()),
+        bool(torch.equal(before, state.residuals["b"])),
+    )
+    y = compressed_all_reduce(_grad_like(9 + rank, 100), state, sub, key="b")  # and goes on
+    out["after_nonfinite"] = y
     # 5. DeepSpeed <= 0.19.6's contract: caller-owned, padded worker_error updated in place.
     backend = GCTBackend(GCTConfig(enabled=True, quant_step=0.5))
     m = _grad_like(50 + rank, 300).view(20, 15)
@@ -169,7 +191,7 @@ def _four_ranks() -> dict:
 def test_four_ranks_collective_hook_pipeline() -> None:
     res = run_ranks(_four_ranks, 4, init_pg=False, timeout=300)
     _check_pipeline([r["pipeline"] for r in res])
-    for name in ("round", "rdoq", "rdoq_allgather", "abs_auto"):
+    for name in ("round", "rdoq", "rdoq_allgather", "per_rank", "abs_auto"):
         for r in res[1:]:
             assert torch.equal(r[name]["result"], res[0][name]["result"]), name
         for r in res:
@@ -180,6 +202,7 @@ def test_four_ranks_collective_hook_pipeline() -> None:
     assert torch.equal(res[0]["rdoq"]["result"], res[0]["rdoq_allgather"]["result"])
     assert torch.equal(res[0]["sub"]["result"], res[1]["sub"]["result"])
     assert torch.equal(res[2]["sub"]["result"], res[3]["sub"]["result"])
+    assert torch.equal(res[0]["after_nonfinite"], res[1]["after_nonfinite"])
     assert not torch.equal(res[0]["sub"]["result"], res[2]["sub"]["result"])
     for r in res:
         assert r["sub"]["dtype"] == "torch.bfloat16"
@@ -188,6 +211,8 @@ def test_four_ranks_collective_hook_pipeline() -> None:
         assert r["drift_ef"] <= 0.5 + 1e-3, r["drift_ef"]  # bounded by the residual
         assert r["drift_no_ef"] > 8 * r["drift_ef"] and r["drift_no_ef"] > 4
         assert r["nonfinite_all_nan"] and r["residual_kept"]
+        assert r["nonfinite_sub"] == (True, True)
+        assert torch.isfinite(r["after_nonfinite"]).all()
         legacy = r["legacy"]
         assert torch.equal(legacy["result"], res[0]["legacy"]["result"])
         assert legacy["shape"] == (20, 15) and legacy["max_err_steps"] <= 0.5 * 1.0001
@@ -234,7 +259,8 @@ def _exchanges_agree() -> dict:
     for i, (name, kw) in enumerate(settings.items()):
         results = {}
         for exchange in ("allgather", "reduce_scatter"):
-            state = GCTState(GCTConfig(enabled=True, exchange=exchange, **kw))
+            agreement = {"step_agreement": "collective"}
+            state = GCTState(GCTConfig(enabled=True, exchange=exchange, **agreement, **kw))
             g = torch.Generator().manual_seed(100 * i + rank)
             x = torch.randn(300, 70, generator=g) * (torch.rand(300, 70, generator=g) < 0.4)
             results[exchange] = [compressed_all_reduce(x.t() * (1 + t), state) for t in range(3)]
@@ -245,6 +271,52 @@ def _exchanges_agree() -> dict:
     return out
 
 
-def test_exchanges_agree_across_settings() -> None:
-    for r in run_ranks(_exchanges_agree, 2):
-        assert all(r.values()), r
+def _per_rank_against_reference() -> dict:
+    """Per-rank steps over 3 error-feedback steps: each rank's result and residual equal what
+    torch ops compute from both ranks' inputs (own RMS steps, quantize, rank-ordered sum)."""
+    import torch.distributed as dist
+
+    from ggspeed.config import GCTConfig
+    from ggspeed.gct import GCTState, compressed_all_reduce
+    from ggspeed.gct.common import block_stats, quantize_torch
+    from ggspeed.gct.per_rank import own_steps
+
+    rank, world, n = dist.get_rank(), dist.get_world_size(), 70_001
+    out = {}
+    settings = {
+        "round": {"quant_step": 0.5},
+        "rdoq_auto": {"rdoq_mu": 0.1, "eg_order": "auto"},
+        "plain_k2": {"zero_runs": False, "eg_order": 2, "quant_step": 0.3},
+        "absolute": {"step_mode": "absolute", "quant_step": 1e-3},
+        "big_block": {"block_size": 50_000},
+    }
+    for name, kw in settings.items():
+        state, ref = (GCTState(GCTConfig(enabled=True, **kw)) for _ in range(2))
+        block = min(state.cfg.block_size or n, n)
+        residuals = [torch.zeros(n) for _ in range(world)]
+        rows = []
+        for t in range(3):
+            xs = [_grad_like(100 * t + r, n) for r in range(world)]
+            y = compressed_all_reduce(xs[rank].clone(), state, key="g")
+            acc = None
+            for r in range(world):
+                v = xs[r] + residuals[r]
+                s = own_steps(ref, *block_stats(v, block)[:2])
+                q, residuals[r], *_ = quantize_torch(ref, v, s, block)
+                term = q.float() * s.repeat_interleave(block)[:n]
+                acc = term if acc is None else acc + term
+            rows.append(
+                torch.equal(y, acc / world) and torch.equal(state.residuals["g"], residuals[rank])
+            )
+        out[name] = all(rows)
+    return out
+
+
+def _two_ranks() -> dict:
+    return {"agree": _exchanges_agree(), "per_rank": _per_rank_against_reference()}
+
+
+def test_exchanges_agree_and_per_rank_steps() -> None:
+    for r in run_ranks(_two_ranks, 2):
+        assert all(r["agree"].values()), r
+        assert all(r["per_rank"].values()), r

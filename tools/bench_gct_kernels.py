@@ -6,7 +6,7 @@ On one captured gradient of the small GPT (``tools/bench_gct.py`` writes the cap
 one this script captures it first), one thread, no communication: the passes of one call timed
 alone, and the fused CPU passes against the unfused path that does the same work in separate
 steps (quantize, then ``codec.eg_encode``; ``codec.eg_decode``, then add, then dequantize), both
-measured in this run. Times are thread CPU time (what the pass costs, not waiting for a core on
+measured in this run; then the two passes of per-rank steps (``ggspeed/gct/per_rank.py``). Times are thread CPU time (what the pass costs, not waiting for a core on
 a shared machine), median over ``--repeats`` calls after a warm-up call.
 """
 
@@ -94,6 +94,24 @@ def main() -> None:
         sums = q + ar.decode_chunk(coded_other)
         ar._dequantize(sums, steps, block, world, True, out)
 
+    # Per-rank steps (the allgather default): the one fused pass, and the receivers' weighted
+    # sum over both ranks' levels, from a gathered buffer laid out as the exchange makes it.
+    from ggspeed.gct import common, per_rank
+
+    pr_state, pr_res = GCTState(cfg), torch.zeros(n)
+    payloads = []
+    for g in (mine, theirs):
+        pq, _, psteps, pcoded, _, _ = per_rank._encode_cpu(GCTState(cfg), g, None, "b", block)
+        hdr = torch.cat([torch.zeros(1), psteps]).view(torch.uint8)
+        payloads.append((pq.clone(), psteps, torch.cat([hdr, pcoded])))
+    lens = [p.numel() for _, _, p in payloads]
+    width = max(lens)
+    gathered = common.with_slack(2 * width, torch.device("cpu"))
+    for r, (_, _, p) in enumerate(payloads):
+        gathered[r * width : r * width + p.numel()] = p
+    all_steps = torch.stack([s for _, s, _ in payloads])
+    own_q = payloads[0][0]
+
     rows = {
         "residual add + block statistics": cpu_ms(
             lambda: ar._prepare(x, zeros, block), args.repeats
@@ -110,11 +128,20 @@ def main() -> None:
             ),
             args.repeats,
         ),
+        "per-rank steps: add + quantize + encode": cpu_ms(
+            lambda: per_rank._encode_cpu(pr_state, x, pr_res, "b", block), args.repeats
+        ),
+        "per-rank steps: decode weighted sum": cpu_ms(
+            lambda: per_rank._decode_cpu(
+                pr_state, gathered, lens, width, 0, own_q, all_steps, block, True, out
+            ),
+            args.repeats,
+        ),
     }
     print(f"{n} elements, {8 * coded.numel() / n:.2f} bits/element; thread CPU ms")
-    print(f"  {'pass':38s} {'median':>7s} {'min':>7s}")
+    print(f"  {'pass':40s} {'median':>7s} {'min':>7s}")
     for name, (med, low) in rows.items():
-        print(f"  {name:38s} {med:7.2f} {low:7.2f}")
+        print(f"  {name:40s} {med:7.2f} {low:7.2f}")
     enc = rows["quantize, then eg_encode (unfused)"][0] / rows["quantize-and-encode (fused)"][0]
     dec = rows["eg_decode, add, dequantize (unfused)"][0] / rows["decode-into-result (fused)"][0]
     print(f"fused vs unfused (medians): encode side {enc:.2f}x, decode side {dec:.2f}x faster")

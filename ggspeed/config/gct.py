@@ -19,9 +19,9 @@ class GCTConfig(Section):
     step_mode: Literal["relative", "absolute"] = Field(
         "relative",
         description=(
-            "How the quantization step is set: 'relative' = quant_step x the largest per-rank RMS "
-            "of (gradient + residual) in each block (agreed by one small collective); "
-            "'absolute' = quant_step as is."
+            "How the quantization step is set: 'relative' = quant_step x the RMS of (gradient + "
+            "residual) in each block (each rank's own, or the largest over ranks: see "
+            "step_agreement); 'absolute' = quant_step as is."
         ),
     )
     quant_step: float = Field(
@@ -37,8 +37,8 @@ class GCTConfig(Section):
         ge=0,
         description=(
             "Elements sharing one quantization step (consecutive, so roughly per layer): "
-            "steps follow each block's scale at 2 x 32 bits of agreement per block; 0 = one "
-            "step per bucket."
+            "steps follow each block's scale at 2 x 32 bits of agreement per block (32 bits of "
+            "header with per-rank steps); 0 = one step per bucket."
         ),
     )
     rdoq_mu: float = Field(
@@ -68,7 +68,18 @@ class GCTConfig(Section):
             "rank: fewest bytes and collectives for 2 ranks, received volume grows with the "
             "world size), 'reduce_scatter' (coded chunks summed by their owners, then an "
             "all-gather of the coded sums: volume independent of the world size), 'auto' "
-            "(allgather for 2 ranks, else reduce_scatter). Same result bit for bit."
+            "(allgather for 2 ranks, else reduce_scatter). Same result bit for bit with "
+            "step_agreement 'collective'."
+        ),
+    )
+    step_agreement: Literal["auto", "collective", "per_rank"] = Field(
+        "auto",
+        description=(
+            "Whose steps quantize a block: 'collective' = one step per block agreed by a small "
+            "MAX all-reduce before quantizing (integer sums, needed by reduce_scatter); "
+            "'per_rank' = each rank's own steps, sent in its payload's header and applied by "
+            "every receiver, summed in rank order (one collective and one memory pass fewer; "
+            "needs exchange 'allgather'); 'auto' = per_rank when the exchange is allgather."
         ),
     )
     error_feedback: bool = Field(
@@ -109,6 +120,12 @@ class GCTConfig(Section):
     def _check(self) -> GCTConfig:
         if isinstance(self.eg_order, int) and not 0 <= self.eg_order <= 15:
             raise ValueError(f"eg_order: got {self.eg_order}; allowed: an integer 0..15 or 'auto'")
+        if self.step_agreement == "per_rank" and self.exchange != "allgather":
+            raise ValueError(
+                f"step_agreement 'per_rank' needs exchange 'allgather' (got {self.exchange!r}): "
+                "the reduce_scatter exchange sums integer levels, which needs agreed steps; "
+                "set exchange to 'allgather' or step_agreement to 'auto' or 'collective'"
+            )
         if self.constraint_warmup_steps and not self.constraint_lambda:
             raise ValueError(
                 "constraint_warmup_steps is set but constraint_lambda is 0: set constraint_lambda "

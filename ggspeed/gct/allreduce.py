@@ -20,7 +20,6 @@ The uncompressed tensor never goes on the wire. Bytes are counted as handed to t
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -28,42 +27,30 @@ import torch
 import torch.distributed as dist
 
 from .. import codec
-from ..codec import api as codec_api
 from ..codec import cpu as codec_cpu
 from . import kernels
-from .rdoq import quantize_rdoq
+from .common import (
+    EMPTY_F32,
+    MAX_CODE_BYTES,
+    block_stats,
+    coded_tensor,
+    decode_chunk,
+    encode_chunk,
+    gather_coded,
+    quantize_torch,
+    received_stream,
+    square_sums,
+    stream_orders,
+    with_slack,
+)
+from .per_rank import all_reduce_per_rank
 from .state import GCTState
 
 __all__ = ["compressed_all_reduce", "decode_chunk", "encode_chunk"]
 
-# torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
 # Largest |integer sum| allowed: leaves headroom below the codec's 32-bit code width.
 _MAX_LEVEL = 2**29  # codec.MAX_ABS is 2**30 - 1
-_EMPTY_F32 = np.empty(0, dtype=np.float32)
 _EXCHANGES = ("auto", "allgather", "reduce_scatter")
-# Worst case of one element's codes (runs mode: run + sign + ones count + value, each <= 63 bits)
-_MAX_CODE_BYTES = 24
-
-
-def encode_chunk(q: torch.Tensor, state: GCTState) -> torch.Tensor:
-    """EG-code an int32 chunk into a self-describing uint8 tensor (the codec's byte format)."""
-    stream = codec.eg_encode(q, k=state.cfg.eg_order, runs=state.cfg.zero_runs)
-    return stream.to_tensor(checksum=False)  # the transport (TCP, NCCL) already checks bytes
-
-
-def decode_chunk(data: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`encode_chunk`: int32 values (``from_tensor`` has validated the stream)."""
-    return codec.eg_decode(codec.EGStream.from_tensor(data), validate=False)
-
-
-def _stream_k(state: GCTState) -> tuple[tuple[int, int, int], int | str | tuple[int, int, int]]:
-    """(the kernels' three orders, -1 = per chunk; the ``k`` an EGStream records), as
-    ``codec.eg_encode`` derives them."""
-    k, runs = state.cfg.eg_order, state.cfg.zero_runs
-    ks = codec_api._orders(k, runs)
-    return ks, ("auto" if k == "auto" else ks if runs else ks[0])
 
 
 def _quantize_encode_cpu(
@@ -82,11 +69,11 @@ def _quantize_encode_cpu(
     """
     cfg = state.cfg
     n = v.numel()
-    ks, kk = _stream_k(state)
+    ks, _ = stream_orders(state)
     q = state.workspace("levels", n, torch.int32)  # used up before this call returns
     err = _err_out(state, residual, n)
     chunk = codec.DEFAULT_CHUNK
-    out = np.empty(_MAX_CODE_BYTES * n + 8 * (n // chunk + len(bounds)) + 64, np.uint8)
+    out = np.empty(MAX_CODE_BYTES * n + 8 * (n // chunk + len(bounds)) + 64, np.uint8)
     k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0  # RDOQ's rate model
     seg_bytes, bits, orders, code = kernels.quantize_encode(
         v.numpy(),
@@ -95,7 +82,7 @@ def _quantize_encode_cpu(
         float(cfg.rdoq_mu),
         k,
         bool(cfg.zero_runs),
-        kernels.threshold_table(cfg.rdoq_mu, k, cfg.zero_runs),
+        kernels.rdoq_thresholds(cfg.rdoq_mu, k, cfg.zero_runs),
         np.asarray(bounds, np.int64),
         skip,
         chunk,
@@ -114,20 +101,12 @@ def _quantize_encode_cpu(
             continue
         numel = bounds[r + 1] - bounds[r]
         nch = -(-numel // chunk)
-        seg_bits = torch.from_numpy(bits[c : c + nch])
-        stream = codec.EGStream(
-            data=torch.from_numpy(out[seg_bytes[r] : seg_bytes[r + 1]]),
-            numel=numel,
-            k=kk,
-            runs=bool(cfg.zero_runs),
-            nbits=int(seg_bits.sum()),
-            chunk_size=chunk,
-            chunk_bits=seg_bits,
-            orders=torch.from_numpy(orders[c : c + nch]),
+        lo, hi = seg_bytes[r], seg_bytes[r + 1]
+        coded.append(
+            coded_tensor(state, out, lo, hi, numel, bits[c : c + nch], orders[c : c + nch])
         )
-        coded.append(stream.to_tensor(checksum=False))
         c += nch
-    return (q, err if cfg.error_feedback else None, *_sums(v, err), coded)
+    return (q, err if cfg.error_feedback else None, *square_sums(v, err), coded)
 
 
 def _decode_add_cpu(
@@ -137,9 +116,7 @@ def _decode_add_cpu(
     followed by at least ``codec_cpu.PAD`` bytes of ``buf``; ValueError if it is malformed or
     does not match q. ``finish = (steps, block, world, average, out)``: instead of storing the
     sums in q, write them dequantized into ``out`` (float32), as ``_dequantize`` would."""
-    stream = codec.EGStream.from_tensor(buf[offset : offset + length])  # validates the tables
-    if stream.numel != q.numel():
-        raise ValueError(f"received a stream of {stream.numel} levels, expected {q.numel()}")
+    stream = received_stream(buf, offset, length, q.numel())
     bits = stream.chunk_bits.numpy()
     payload = offset + length - stream.data.numel()
     data = buf.numpy()[payload : offset + length + codec_cpu.PAD]
@@ -153,11 +130,11 @@ def _decode_add_cpu(
         codec_cpu.chunk_starts(bits),
         q.numpy(),
         finish is not None,
-        steps.contiguous().numpy() if finish else _EMPTY_F32,
+        steps.contiguous().numpy() if finish else EMPTY_F32,
         block,
         world,
         average,
-        out.numpy() if finish else _EMPTY_F32,
+        out.numpy() if finish else EMPTY_F32,
     )
     if code != 0:
         raise ValueError(f"cannot decode a received stream: {codec_cpu.error_message(code, c)}")
@@ -169,13 +146,6 @@ def _chunk_bounds(n: int, world: int) -> list[int]:
     for r in range(world):
         bounds.append(bounds[-1] + base + (1 if r < extra else 0))
     return bounds
-
-
-def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The full blocks of ``x`` as a (nb, block) view, and the shorter tail (or None)."""
-    nfull = x.numel() // block
-    tail = x[nfull * block :]
-    return x[: nfull * block].view(nfull, block), (tail if tail.numel() else None)
 
 
 def _steps(state: GCTState, rms: torch.Tensor, amax: torch.Tensor, world: int) -> torch.Tensor:
@@ -202,7 +172,7 @@ def _prepare(flat: torch.Tensor, residual: torch.Tensor | None, block: int):
     t = torch.empty(2 * nb + 1, dtype=torch.float32, device=flat.device)
     if flat.device.type == "cpu":
         v = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
-        res = residual.contiguous().numpy() if residual is not None else _EMPTY_F32
+        res = residual.contiguous().numpy() if residual is not None else EMPTY_F32
         tn = t.numpy()
         nonfinite = kernels.add_and_block_stats(
             v.numpy(), res, block, v.numpy(), tn[:nb], tn[nb : 2 * nb]
@@ -211,17 +181,7 @@ def _prepare(flat: torch.Tensor, residual: torch.Tensor | None, block: int):
         v = flat.to(torch.float32, copy=True)
         if residual is not None:
             v += residual
-        full, tail = _blocks(v, block)
-        amax = full.abs().amax(1)  # NaN propagates through amax; inf shows as inf
-        # float64 sums of squares as the CPU kernel takes them (float32 products are exact in
-        # float64), so both paths round the same RMS, hence the same steps and levels
-        ms = full.double().square().sum(1) / block
-        if tail is not None:
-            amax = torch.cat([amax, tail.abs().amax().view(1)])
-            ms = torch.cat([ms, (tail.double().square().sum() / tail.numel()).view(1)])
-        nonfinite = not math.isfinite(float(amax.max()))
-        t[:nb] = ms.sqrt_()
-        t[nb : 2 * nb] = amax
+        t[:nb], t[nb : 2 * nb], nonfinite = block_stats(v, block)
     if nonfinite:
         t.zero_()
     t[-1] = 1.0 if nonfinite else 0.0
@@ -237,24 +197,6 @@ def _err_out(state: GCTState, residual: torch.Tensor | None, n: int) -> torch.Te
     if state.cfg.error_feedback:
         return torch.empty(n, dtype=torch.float32)
     return state.workspace("err", n, torch.float32)
-
-
-def _sums(v: torch.Tensor, err: torch.Tensor) -> tuple[float, float]:
-    """Sum of err^2 and of v^2 (statistics): BLAS dot products, ~4x faster than a numba loop."""
-    return float(torch.dot(err, err)), float(torch.dot(v, v))
-
-
-def _quantize(state: GCTState, v: torch.Tensor, steps: torch.Tensor, block: int):
-    """Torch ops (the non-CPU path; on CPU the reference the fused kernel is tested against):
-    levels q (int32), the new residual ``v - q * step`` (None without error feedback), and the
-    sums of err^2 and v^2 (statistics)."""
-    cfg = state.cfg
-    k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0
-    n = v.numel()
-    step = steps.repeat_interleave(block)[:n] if steps.numel() > 1 else float(steps[0])
-    q = quantize_rdoq(v, step, cfg.rdoq_mu, k, cfg.zero_runs)
-    err = v - q.to(torch.float32) * step
-    return (q, err if cfg.error_feedback else None, *_sums(v, err))
 
 
 def _dequantize(
@@ -277,36 +219,8 @@ def _dequantize(
     return out
 
 
-def _gather_coded(coded: torch.Tensor, group, world: int):
-    """All-gather of each rank's coded bytes, padded to the longest (the padding is sent).
-
-    Returns (gathered, lengths, width): rank r's bytes are gathered[r * width:][:lengths[r]];
-    ``gathered`` ends with ``codec_cpu.PAD`` zero bytes more (the CPU decoder reads ahead).
-    """
-    dev = coded.device
-    lens = torch.empty(world, dtype=torch.int64, device=dev)
-    own_len = torch.tensor([coded.numel()], dtype=torch.int64, device=dev)
-    _all_gather(lens, own_len, group=group)
-    lens_l = lens.tolist()
-    width = max(lens_l)
-    if coded.numel() < width:
-        coded = torch.cat(
-            [coded, torch.zeros(width - coded.numel(), dtype=torch.uint8, device=dev)]
-        )
-    gathered = _with_slack(world * width, dev)
-    _all_gather(gathered[: world * width], coded, group=group)
-    return gathered, lens_l, width
-
-
-def _with_slack(n: int, dev: torch.device) -> torch.Tensor:
-    """An uninitialized uint8 buffer of n bytes followed by ``codec_cpu.PAD`` zero bytes."""
-    buf = torch.empty(n + codec_cpu.PAD, dtype=torch.uint8, device=dev)
-    buf[n:].zero_()
-    return buf
-
-
 def _add_decoded(buf: torch.Tensor, offset: int, length: int, q: torch.Tensor) -> None:
-    """q += the levels coded at buf[offset:offset + length] (a buffer from ``_with_slack``)."""
+    """q += the levels coded at buf[offset:offset + length] (a buffer from ``with_slack``)."""
     if q.device.type == "cpu":
         _decode_add_cpu(buf, offset, length, q)
     else:
@@ -329,7 +243,7 @@ def _reduce_scatter_gather(
     dist.all_to_all_single(out_len, in_len, group=group)
     out_sizes = out_len.tolist()
     total = sum(out_sizes)
-    recv = _with_slack(total, dev)
+    recv = with_slack(total, dev)
     dist.all_to_all_single(recv[:total], torch.cat(payload), out_sizes, in_sizes, group=group)
     t4 = time.perf_counter()
     # int32 is exact: _steps keeps |level| * world below 2^29
@@ -342,7 +256,7 @@ def _reduce_scatter_gather(
     t5 = time.perf_counter()
     coded = encode_chunk(mine, state)
     t6 = time.perf_counter()
-    gathered, lens, width = _gather_coded(coded, group, world)
+    gathered, lens, width = gather_coded([coded], group, world)
     t7 = time.perf_counter()
     for r in range(world):  # q's other chunks become the others' sums; ours is in place
         if r != me:
@@ -384,11 +298,23 @@ def compressed_all_reduce(
     world = dist.get_world_size(group)
     if world == 1 or tensor.numel() == 0:
         return tensor
+    allgather = exchange == "allgather" or (exchange == "auto" and world == 2)
+    agreement = state.cfg.step_agreement
+    if agreement == "per_rank" and not allgather:
+        raise ValueError(
+            f"compressed_all_reduce: step_agreement 'per_rank' needs the allgather exchange, "
+            f"got exchange {exchange!r} with {world} ranks"
+        )
     me = dist.get_rank(group)
     aliased = tensor.is_contiguous()
     flat = tensor.view(-1) if aliased else tensor.reshape(-1)
     n = flat.numel()
     block = min(state.cfg.block_size or n, n)
+    if allgather and agreement != "collective":
+        all_reduce_per_rank(flat, state, group, key=key, block=block, average=average)
+        if not aliased:
+            tensor.copy_(flat.view_as(tensor))
+        return tensor
     t0 = time.perf_counter()
     residual = state.residual(key, flat)
     v, msg = _prepare(flat, residual, block)
@@ -405,7 +331,6 @@ def compressed_all_reduce(
         return tensor
 
     steps = _steps(state, msg[:nb], msg[nb : 2 * nb], world)
-    allgather = exchange == "allgather" or (exchange == "auto" and world == 2)
     # allgather: every rank's coded levels to every rank; reduce_scatter: coded chunk r to rank r
     bounds = [0, n] if allgather else _chunk_bounds(n, world)
     skip = -1 if allgather else me
@@ -414,7 +339,7 @@ def compressed_all_reduce(
             state, v, steps, block, residual, bounds, skip
         )
     else:
-        q, err, err_sq, sig_sq = _quantize(state, v, steps, block)
+        q, err, err_sq, sig_sq = quantize_torch(state, v, steps, block)
         payload = [
             encode_chunk(q[bounds[r] : bounds[r + 1]], state) if r != skip else None
             for r in range(len(bounds) - 1)
@@ -424,7 +349,7 @@ def compressed_all_reduce(
     out = None
     if allgather:
         t3 = time.perf_counter()
-        gathered, lens, width = _gather_coded(payload[0], group, world)
+        gathered, lens, width = gather_coded([payload[0]], group, world)
         t4 = t5 = t6 = t7 = time.perf_counter()
         peers = [r for r in range(world) if r != me]  # integer sums: the order does not matter
         if q.device.type == "cpu":

@@ -76,6 +76,7 @@ class GCTState:
         self._constraint_sum = 0.0
         self._constraint_n = 0
         self._workspace: dict[str, torch.Tensor] = {}
+        self._spares: dict[str, torch.Tensor] = {}  # the residuals' second buffers
 
     # ---- error feedback -------------------------------------------------------------------
     def residual(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
@@ -91,8 +92,29 @@ class GCTState:
         return r
 
     def set_residual(self, key: str, value: torch.Tensor) -> None:
+        """Make ``value`` the residual of ``key``; the one it replaces becomes the buffer
+        ``next_residual`` hands out for the following call (double buffering)."""
         if self.cfg.error_feedback:
+            old = self.residuals.get(key)
             self.residuals[key] = value
+            if old is not None and old is not value and old.numel() == value.numel():
+                self.__dict__.setdefault("_spares", {})[key] = old
+
+    def next_residual(self, key: str, n: int) -> torch.Tensor:
+        """A float32 CPU buffer of n elements for ``key``'s next residual that is not its
+        current one, so a call can write the new residual and still keep the old one if the
+        call ends without a result (a peer's non-finite gradient). Contents undefined."""
+        spares = self.__dict__.setdefault("_spares", {})
+        buf, cur = spares.get(key), self.residuals.get(key)
+        if (
+            buf is None
+            or buf.numel() != n
+            or buf.dtype != torch.float32
+            or buf.device.type != "cpu"
+            or (cur is not None and buf.data_ptr() == cur.data_ptr())
+        ):
+            buf = spares[key] = torch.empty(n, dtype=torch.float32)
+        return buf
 
     def workspace(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         """A reusable CPU buffer of n elements (contents undefined), grown on demand.
@@ -186,4 +208,5 @@ class GCTState:
         d = self.__dict__.copy()
         d["group"] = None  # process groups do not pickle; re-attach after unpickling
         d["_workspace"] = {}
+        d["_spares"] = {}
         return d

@@ -1,0 +1,138 @@
+"""Pieces both step agreements of the compressed all-reduce share: the coded form of levels,
+the padded all-gather of coded bytes, the torch-op quantizer of the non-CPU path, buffers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import codec
+from ..codec import api as codec_api
+from ..codec import cpu as codec_cpu
+from .rdoq import quantize_rdoq
+from .state import GCTState
+
+# torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single.
+all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+EMPTY_F32 = np.empty(0, dtype=np.float32)
+# Worst case of one element's codes (runs mode: run + sign + ones count + value, each <= 63 bits)
+MAX_CODE_BYTES = 24
+
+
+def encode_chunk(q: torch.Tensor, state: GCTState) -> torch.Tensor:
+    """EG-code an int32 chunk into a self-describing uint8 tensor (the codec's byte format)."""
+    stream = codec.eg_encode(q, k=state.cfg.eg_order, runs=state.cfg.zero_runs)
+    return stream.to_tensor(checksum=False)  # the transport (TCP, NCCL) already checks bytes
+
+
+def decode_chunk(data: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`encode_chunk`: int32 values (``from_tensor`` has validated the stream)."""
+    return codec.eg_decode(codec.EGStream.from_tensor(data), validate=False)
+
+
+def stream_orders(
+    state: GCTState,
+) -> tuple[tuple[int, int, int], int | str | tuple[int, int, int]]:
+    """(the kernels' three orders, -1 = per chunk; the ``k`` an EGStream records), as
+    ``codec.eg_encode`` derives them."""
+    k, runs = state.cfg.eg_order, state.cfg.zero_runs
+    ks = codec_api._orders(k, runs)
+    return ks, ("auto" if k == "auto" else ks if runs else ks[0])
+
+
+def coded_tensor(
+    state: GCTState, out: np.ndarray, lo: int, hi: int, numel: int, bits, orders
+) -> torch.Tensor:
+    """The stream tensor (``encode_chunk``'s bytes) of a payload a CPU kernel wrote at
+    ``out[lo:hi]``, from its per-chunk bits and orders."""
+    _, kk = stream_orders(state)
+    seg_bits = torch.from_numpy(bits)
+    stream = codec.EGStream(
+        data=torch.from_numpy(out[lo:hi]),
+        numel=numel,
+        k=kk,
+        runs=bool(state.cfg.zero_runs),
+        nbits=int(seg_bits.sum()),
+        chunk_size=codec.DEFAULT_CHUNK,
+        chunk_bits=seg_bits,
+        orders=torch.from_numpy(orders),
+    )
+    return stream.to_tensor(checksum=False)
+
+
+def blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The full blocks of ``x`` as a (nb, block) view, and the shorter tail (or None)."""
+    nfull = x.numel() // block
+    tail = x[nfull * block :]
+    return x[: nfull * block].view(nfull, block), (tail if tail.numel() else None)
+
+
+def block_stats(v: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Torch ops (the non-CPU path): per-block RMS and max |v| (float32), and whether v holds
+    an inf or NaN. The sums of squares are float64, as the CPU kernels take them (float32
+    products are exact in float64), so both paths round the same RMS: the same steps."""
+    full, tail = blocks(v, block)
+    amax = full.abs().amax(1)  # NaN propagates through amax; inf shows as inf
+    ms = full.double().square().sum(1) / block
+    if tail is not None:
+        amax = torch.cat([amax, tail.abs().amax().view(1)])
+        ms = torch.cat([ms, (tail.double().square().sum() / tail.numel()).view(1)])
+    nonfinite = not bool(torch.isfinite(amax.max()))
+    return ms.sqrt_().float(), amax, nonfinite
+
+
+def quantize_torch(state: GCTState, v: torch.Tensor, steps: torch.Tensor, block: int):
+    """Torch ops (the non-CPU path; on CPU the reference the fused kernels are tested against):
+    levels q (int32), the new residual ``v - q * step`` (None without error feedback), and the
+    sums of err^2 and v^2 (statistics)."""
+    cfg = state.cfg
+    k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0
+    n = v.numel()
+    step = steps.repeat_interleave(block)[:n] if steps.numel() > 1 else float(steps[0])
+    q = quantize_rdoq(v, step, cfg.rdoq_mu, k, cfg.zero_runs)
+    err = v - q.to(torch.float32) * step
+    return (q, err if cfg.error_feedback else None, *square_sums(v, err))
+
+
+def square_sums(v: torch.Tensor, err: torch.Tensor) -> tuple[float, float]:
+    """Sum of err^2 and of v^2 (statistics): BLAS dot products, ~4x faster than a numba loop."""
+    return float(torch.dot(err, err)), float(torch.dot(v, v))
+
+
+def gather_coded(parts: list[torch.Tensor], group, world: int):
+    """All-gather of each rank's coded bytes (``parts`` joined), padded to the longest (the
+    padding is sent).
+
+    Returns (gathered, lengths, width): rank r's bytes are gathered[r * width:][:lengths[r]];
+    ``gathered`` ends with ``codec_cpu.PAD`` zero bytes more (the CPU decoder reads ahead).
+    """
+    dev = parts[0].device
+    own = sum(p.numel() for p in parts)
+    lens = torch.empty(world, dtype=torch.int64, device=dev)
+    all_gather(lens, torch.tensor([own], dtype=torch.int64, device=dev), group=group)
+    lens_l = lens.tolist()
+    width = max(lens_l)
+    if own < width:
+        parts = [*parts, torch.zeros(width - own, dtype=torch.uint8, device=dev)]
+    coded = parts[0] if len(parts) == 1 else torch.cat(parts)
+    gathered = with_slack(world * width, dev)
+    all_gather(gathered[: world * width], coded, group=group)
+    return gathered, lens_l, width
+
+
+def with_slack(n: int, dev: torch.device) -> torch.Tensor:
+    """An uninitialized uint8 buffer of n bytes followed by ``codec_cpu.PAD`` zero bytes."""
+    buf = torch.empty(n + codec_cpu.PAD, dtype=torch.uint8, device=dev)
+    buf[n:].zero_()
+    return buf
+
+
+def received_stream(buf: torch.Tensor, offset: int, length: int, numel: int) -> codec.EGStream:
+    """The stream at ``buf[offset:offset + length]``, its tables validated; ValueError if it
+    does not hold ``numel`` levels."""
+    stream = codec.EGStream.from_tensor(buf[offset : offset + length])
+    if stream.numel != numel:
+        raise ValueError(f"received a stream of {stream.numel} levels, expected {numel}")
+    return stream
