@@ -112,11 +112,12 @@ def test_bad_exchange_named() -> None:
         {"step_mode": "absolute", "quant_step": 2e-2, "rdoq_mu": 0.05, "error_feedback": False},
     ],
 )
-def test_per_rank_pass_matches_torch_path(kw: dict) -> None:
-    """The per-rank-steps CPU pass (add, own steps, quantize, code in one pass) gives the torch
-    path's steps, levels, residual and stream bytes; the receivers' weighted sum equals the
+def test_previous_steps_pass_matches_torch_path(kw: dict) -> None:
+    """The CPU pass of steps set without a collective (add, statistics, steps from a basis or
+    the own RMS, quantize, code: one pass) gives the torch path's steps, RMS, levels, residual
+    and stream bytes; the receivers' weighted sum equals the
     torch ops' rank-ordered sum bit for bit; a non-finite gradient leaves the residual alone."""
-    from ggspeed.gct import common, per_rank
+    from ggspeed.gct import common, previous_steps
 
     torch.manual_seed(3)
     n = 3 * codec.DEFAULT_CHUNK + 999
@@ -130,35 +131,48 @@ def test_per_rank_pass_matches_torch_path(kw: dict) -> None:
         x[5000:9000] = 0  # an all-zero block
         residual = torch.randn(n) * 0.1 if cfg.error_feedback else None
         live = residual.clone() if residual is not None else None
-        q, err, steps, coded, esq, vsq = per_rank._encode_cpu(state, x, residual, "b", block)
-        tq, terr, tsteps, tcoded, tesq, tvsq = per_rank._encode_torch(state, x, residual, block)
-        assert torch.equal(steps, tsteps) and torch.equal(q, tq) and torch.equal(coded, tcoded)
+        basis = torch.rand(-(-n // block)) if r == 1 else None  # rank 1: steps from a basis
+        q, err, steps, rms, coded, esq, vsq = previous_steps._encode_cpu(
+            state, x, residual, "b", block, basis
+        )
+        tq, terr, tsteps, trms, tcoded, tesq, tvsq = previous_steps._encode_torch(
+            state, x, residual, block, basis
+        )
+        assert torch.equal(steps, tsteps) and torch.equal(rms, trms)
+        assert torch.equal(q, tq) and torch.equal(coded, tcoded)
         # statistics: float64 sums here, float32 BLAS dot products there
         assert vsq == pytest.approx(tvsq, rel=1e-4) and esq == pytest.approx(tesq, rel=1e-4)
         if residual is not None:
             assert torch.equal(err, terr) and torch.equal(residual, live)  # not written over
-        ranks.append((q.clone(), steps, coded))
-    # The gathered buffer as gather_coded lays it out: header (flag, steps), stream, padding.
+        ranks.append((q.clone(), steps, rms, coded))
+    # The gathered buffer as gather_coded lays it out: header (flag, steps, RMS), stream, padding.
     nb = ranks[0][1].numel()
-    parts = [torch.cat([torch.tensor([0.0]), s]).view(torch.uint8) for _, s, _ in ranks]
-    lens = [p.numel() + c.numel() for p, (_, _, c) in zip(parts, ranks, strict=True)]
+    parts = [torch.cat([torch.tensor([0.0]), s, rm]).view(torch.uint8) for _, s, rm, _ in ranks]
+    lens = [p.numel() + c.numel() for p, (*_, c) in zip(parts, ranks, strict=True)]
     width = max(lens) + 3
     buf = common.with_slack(3 * width, torch.device("cpu"))
-    for r, (p, (_, _, c)) in enumerate(zip(parts, ranks, strict=True)):
+    for r, (p, (*_, c)) in enumerate(zip(parts, ranks, strict=True)):
         buf[r * width : r * width + lens[r]] = torch.cat([p, c])
-    steps = torch.stack([s for _, s, _ in ranks])
+    heads = previous_steps._headers(buf, lens, width, nb)
+    assert all(
+        not f and torch.equal(s, rk[1]) and torch.equal(rm, rk[2])
+        for (f, s, rm), rk in zip(heads, ranks, strict=True)
+    )
+    steps = torch.stack([s for _, s, _, _ in ranks])
     for me in range(3):
         for average in (True, False):
-            want = per_rank._decode_torch(buf, lens, width, me, ranks[me][0], steps, block, average)
+            want = previous_steps._decode_torch(
+                buf, lens, width, me, ranks[me][0], steps, block, average
+            )
             out = torch.empty(n)
-            per_rank._decode_cpu(
+            previous_steps._decode_cpu(
                 GCTState(cfg), buf, lens, width, me, ranks[me][0], steps, block, average, out
             )
             assert torch.equal(out, want)
     bad = buf.clone()
-    bad[2 * width + 4 * (nb + 1) + 80] ^= 0xFF  # rank 2's payload (after 76 bytes of tables)
+    bad[2 * width + 4 * (2 * nb + 1) + 80] ^= 0xFF  # rank 2's payload (after 76 bytes of tables)
     with pytest.raises(ValueError, match="cannot decode rank 2's stream"):
-        per_rank._decode_cpu(
+        previous_steps._decode_cpu(
             GCTState(cfg), bad, lens, width, 0, ranks[0][0], steps, block, True, out
         )
     # A non-finite gradient stops the pass: no stream, and the live residual is untouched.
@@ -167,7 +181,7 @@ def test_per_rank_pass_matches_torch_path(kw: dict) -> None:
     x[n - 3] = float("nan")
     residual = torch.randn(n) if cfg.error_feedback else None
     live = residual.clone() if residual is not None else None
-    *_, coded, _, _ = per_rank._encode_cpu(state, x, residual, "b", block)
+    *_, coded, _, _ = previous_steps._encode_cpu(state, x, residual, "b", block)
     assert coded is None
     if residual is not None:
         assert torch.equal(residual, live)
@@ -186,7 +200,7 @@ def test_config_defaults_and_bad_values() -> None:
         ({"step_mode": "rel"}, "ggspeed.gct.step_mode"),
         ({"exchange": "ring"}, "ggspeed.gct.exchange"),
         ({"step_agreement": "mine"}, "ggspeed.gct.step_agreement"),
-        ({"step_agreement": "per_rank"}, "step_agreement 'per_rank' needs exchange 'allgather'"),
+        ({"step_agreement": "previous"}, "step_agreement 'previous' needs exchange 'allgather'"),
         ({"rdoq_mu": -1}, "ggspeed.gct.rdoq_mu"),
         ({"eg_order": 16}, "eg_order"),
         ({"eg_order": "fast"}, "ggspeed.gct.eg_order"),

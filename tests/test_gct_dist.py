@@ -42,14 +42,20 @@ def _collective_checks() -> dict:
                 quant_step=0.5,
                 rdoq_mu=0.1,
                 exchange="allgather",
-                step_agreement="collective",
             ),
             1.0,
         ),
-        # each rank's own steps, sent with its levels: within half of the largest step
+        # steps from the previous call's largest RMS (here the first call: each rank's own),
+        # sent with the levels: within half of the largest step
         (
-            "per_rank",
-            GCTConfig(enabled=True, error_feedback=False, quant_step=0.5, exchange="allgather"),
+            "previous",
+            GCTConfig(
+                enabled=True,
+                error_feedback=False,
+                quant_step=0.5,
+                exchange="allgather",
+                step_agreement="previous",
+            ),
             0.5,
         ),
         (
@@ -118,9 +124,9 @@ def _collective_checks() -> dict:
     y = compressed_all_reduce(x, state, key="b")
     out["nonfinite_all_nan"] = bool(torch.isnan(y).all())
     out["residual_kept"] = bool(torch.equal(before, state.residuals["b"]))
-    # The same on the 2-rank subgroups, whose default is per-rank steps: the flag travels in
-    # the payload header, after this rank has quantized (its new residual must not be kept).
-    state = GCTState(GCTConfig(enabled=True))
+    # The same with steps from the previous call (2-rank subgroups): the flag travels in the
+    # payload header, after this rank has quantized (its new residual must not be kept).
+    state = GCTState(GCTConfig(enabled=True, exchange="allgather", step_agreement="previous"))
     compressed_all_reduce(_grad_like(rank, 100), state, sub, key="b")
     before = state.residuals["b"].clone()
     x = _grad_like(7 + rank, 100)
@@ -191,7 +197,7 @@ def _four_ranks() -> dict:
 def test_four_ranks_collective_hook_pipeline() -> None:
     res = run_ranks(_four_ranks, 4, init_pg=False, timeout=300)
     _check_pipeline([r["pipeline"] for r in res])
-    for name in ("round", "rdoq", "rdoq_allgather", "per_rank", "abs_auto"):
+    for name in ("round", "rdoq", "rdoq_allgather", "previous", "abs_auto"):
         for r in res[1:]:
             assert torch.equal(r[name]["result"], res[0][name]["result"]), name
         for r in res:
@@ -259,8 +265,7 @@ def _exchanges_agree() -> dict:
     for i, (name, kw) in enumerate(settings.items()):
         results = {}
         for exchange in ("allgather", "reduce_scatter"):
-            agreement = {"step_agreement": "collective"}
-            state = GCTState(GCTConfig(enabled=True, exchange=exchange, **agreement, **kw))
+            state = GCTState(GCTConfig(enabled=True, exchange=exchange, **kw))
             g = torch.Generator().manual_seed(100 * i + rank)
             x = torch.randn(300, 70, generator=g) * (torch.rand(300, 70, generator=g) < 0.4)
             results[exchange] = [compressed_all_reduce(x.t() * (1 + t), state) for t in range(3)]
@@ -271,40 +276,46 @@ def _exchanges_agree() -> dict:
     return out
 
 
-def _per_rank_against_reference() -> dict:
-    """Per-rank steps over 3 error-feedback steps: each rank's result and residual equal what
-    torch ops compute from both ranks' inputs (own RMS steps, quantize, rank-ordered sum)."""
+def _previous_steps_against_reference() -> dict:
+    """Steps from the previous call, over 3 error-feedback steps: each rank's result and
+    residual equal what torch ops compute from both ranks' inputs (steps from the previous
+    call's largest RMS, in the first call each rank's own; quantize; rank-ordered float sum)."""
     import torch.distributed as dist
 
     from ggspeed.config import GCTConfig
     from ggspeed.gct import GCTState, compressed_all_reduce
     from ggspeed.gct.common import block_stats, quantize_torch
-    from ggspeed.gct.per_rank import own_steps
+    from ggspeed.gct.previous_steps import block_steps
 
     rank, world, n = dist.get_rank(), dist.get_world_size(), 70_001
     out = {}
+    prev = {"exchange": "allgather", "step_agreement": "previous"}
     settings = {
-        "round": {"quant_step": 0.5},
-        "rdoq_auto": {"rdoq_mu": 0.1, "eg_order": "auto"},
-        "plain_k2": {"zero_runs": False, "eg_order": 2, "quant_step": 0.3},
-        "absolute": {"step_mode": "absolute", "quant_step": 1e-3},
-        "big_block": {"block_size": 50_000},
+        "round": {"quant_step": 0.5, **prev},
+        "rdoq_auto": {"rdoq_mu": 0.1, "eg_order": "auto", **prev},
+        "plain_k2": {"zero_runs": False, "eg_order": 2, "quant_step": 0.3, **prev},
+        "absolute": {"step_mode": "absolute", "quant_step": 1e-3, **prev},
+        "big_block": {"block_size": 50_000, **prev},
     }
     for name, kw in settings.items():
         state, ref = (GCTState(GCTConfig(enabled=True, **kw)) for _ in range(2))
         block = min(state.cfg.block_size or n, n)
         residuals = [torch.zeros(n) for _ in range(world)]
+        basis = None
         rows = []
         for t in range(3):
-            xs = [_grad_like(100 * t + r, n) for r in range(world)]
+            xs = [_grad_like(100 * t + r, n) * (1 + 3 * t * r) for r in range(world)]
             y = compressed_all_reduce(xs[rank].clone(), state, key="g")
-            acc = None
+            acc, rms_all = None, []
             for r in range(world):
                 v = xs[r] + residuals[r]
-                s = own_steps(ref, *block_stats(v, block)[:2])
+                rms, amax, _ = block_stats(v, block)
+                s = block_steps(ref, rms, amax, basis)
                 q, residuals[r], *_ = quantize_torch(ref, v, s, block)
                 term = q.float() * s.repeat_interleave(block)[:n]
                 acc = term if acc is None else acc + term
+                rms_all.append(rms)
+            basis = torch.stack(rms_all).amax(0)
             rows.append(
                 torch.equal(y, acc / world) and torch.equal(state.residuals["g"], residuals[rank])
             )
@@ -313,10 +324,10 @@ def _per_rank_against_reference() -> dict:
 
 
 def _two_ranks() -> dict:
-    return {"agree": _exchanges_agree(), "per_rank": _per_rank_against_reference()}
+    return {"agree": _exchanges_agree(), "previous": _previous_steps_against_reference()}
 
 
-def test_exchanges_agree_and_per_rank_steps() -> None:
+def test_exchanges_agree_and_previous_steps() -> None:
     for r in run_ranks(_two_ranks, 2):
         assert all(r["agree"].values()), r
-        assert all(r["per_rank"].values()), r
+        assert all(r["previous"].values()), r

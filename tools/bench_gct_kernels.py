@@ -6,7 +6,8 @@ On one captured gradient of the small GPT (``tools/bench_gct.py`` writes the cap
 one this script captures it first), one thread, no communication: the passes of one call timed
 alone, and the fused CPU passes against the unfused path that does the same work in separate
 steps (quantize, then ``codec.eg_encode``; ``codec.eg_decode``, then add, then dequantize), both
-measured in this run; then the two passes of per-rank steps (``ggspeed/gct/per_rank.py``). Times are thread CPU time (what the pass costs, not waiting for a core on
+measured in this run; then the two passes of steps from the previous call
+(``ggspeed/gct/previous_steps.py``). Times are thread CPU time (what the pass costs, not waiting for a core on
 a shared machine), median over ``--repeats`` calls after a warm-up call.
 """
 
@@ -59,7 +60,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=50)
     args = p.parse_args()
     from ggspeed.config import GCTConfig
-    from ggspeed.gct import GCTState
+    from ggspeed.gct import GCTState, common, previous_steps
     from ggspeed.gct import allreduce as ar
 
     torch.set_num_threads(1)
@@ -78,7 +79,7 @@ def main() -> None:
     _, _, _, _, (coded_other,) = ar._quantize_encode_cpu(
         GCTState(cfg), other, steps, block, torch.zeros(n), bounds, -1
     )
-    buf = ar._with_slack(coded_other.numel(), torch.device("cpu"))
+    buf = common.with_slack(coded_other.numel(), torch.device("cpu"))
     buf[: coded_other.numel()] = coded_other
     out = torch.empty(n)
 
@@ -94,15 +95,15 @@ def main() -> None:
         sums = q + ar.decode_chunk(coded_other)
         ar._dequantize(sums, steps, block, world, True, out)
 
-    # Per-rank steps (the allgather default): the one fused pass, and the receivers' weighted
+    # Steps from the previous call (step_agreement "previous"): the one fused pass, and the receivers' weighted
     # sum over both ranks' levels, from a gathered buffer laid out as the exchange makes it.
-    from ggspeed.gct import common, per_rank
-
     pr_state, pr_res = GCTState(cfg), torch.zeros(n)
     payloads = []
     for g in (mine, theirs):
-        pq, _, psteps, pcoded, _, _ = per_rank._encode_cpu(GCTState(cfg), g, None, "b", block)
-        hdr = torch.cat([torch.zeros(1), psteps]).view(torch.uint8)
+        pq, _, psteps, prms, pcoded, _, _ = previous_steps._encode_cpu(
+            GCTState(cfg), g, None, "b", block
+        )
+        hdr = torch.cat([torch.zeros(1), psteps, prms]).view(torch.uint8)
         payloads.append((pq.clone(), psteps, torch.cat([hdr, pcoded])))
     lens = [p.numel() for _, _, p in payloads]
     width = max(lens)
@@ -128,11 +129,11 @@ def main() -> None:
             ),
             args.repeats,
         ),
-        "per-rank steps: add + quantize + encode": cpu_ms(
-            lambda: per_rank._encode_cpu(pr_state, x, pr_res, "b", block), args.repeats
+        "previous steps: add + quantize + encode": cpu_ms(
+            lambda: previous_steps._encode_cpu(pr_state, x, pr_res, "b", block), args.repeats
         ),
-        "per-rank steps: decode weighted sum": cpu_ms(
-            lambda: per_rank._decode_cpu(
+        "previous steps: decode weighted sum": cpu_ms(
+            lambda: previous_steps._decode_cpu(
                 pr_state, gathered, lens, width, 0, own_q, all_steps, block, True, out
             ),
             args.repeats,

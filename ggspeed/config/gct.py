@@ -19,9 +19,9 @@ class GCTConfig(Section):
     step_mode: Literal["relative", "absolute"] = Field(
         "relative",
         description=(
-            "How the quantization step is set: 'relative' = quant_step x the RMS of (gradient + "
-            "residual) in each block (each rank's own, or the largest over ranks: see "
-            "step_agreement); 'absolute' = quant_step as is."
+            "How the quantization step is set: 'relative' = quant_step x the largest per-rank "
+            "RMS of (gradient + residual) in each block (see step_agreement); 'absolute' = "
+            "quant_step as is."
         ),
     )
     quant_step: float = Field(
@@ -37,8 +37,8 @@ class GCTConfig(Section):
         ge=0,
         description=(
             "Elements sharing one quantization step (consecutive, so roughly per layer): "
-            "steps follow each block's scale at 2 x 32 bits of agreement per block (32 bits of "
-            "header with per-rank steps); 0 = one step per bucket."
+            "steps follow each block's scale at 2 x 32 bits of agreement per block; 0 = one "
+            "step per bucket."
         ),
     )
     rdoq_mu: float = Field(
@@ -72,14 +72,15 @@ class GCTConfig(Section):
             "step_agreement 'collective'."
         ),
     )
-    step_agreement: Literal["auto", "collective", "per_rank"] = Field(
+    step_agreement: Literal["auto", "collective", "previous"] = Field(
         "auto",
         description=(
-            "Whose steps quantize a block: 'collective' = one step per block agreed by a small "
-            "MAX all-reduce before quantizing (integer sums, needed by reduce_scatter); "
-            "'per_rank' = each rank's own steps, sent in its payload's header and applied by "
-            "every receiver, summed in rank order (one collective and one memory pass fewer; "
-            "needs exchange 'allgather'); 'auto' = per_rank when the exchange is allgather."
+            "How the ranks agree on each block's step: 'collective' = a small MAX all-reduce of "
+            "the block RMS before quantizing (integer sums); 'previous' = the largest RMS over "
+            "ranks of the bucket's previous call, sent in the payload headers (no collective, "
+            "one sync point fewer; needs exchange 'allgather'; a bucket's first call uses each "
+            "rank's own RMS; trained worse in 2 of 3 seeds, see docs/gct.md); 'auto' = "
+            "collective."
         ),
     )
     error_feedback: bool = Field(
@@ -120,11 +121,12 @@ class GCTConfig(Section):
     def _check(self) -> GCTConfig:
         if isinstance(self.eg_order, int) and not 0 <= self.eg_order <= 15:
             raise ValueError(f"eg_order: got {self.eg_order}; allowed: an integer 0..15 or 'auto'")
-        if self.step_agreement == "per_rank" and self.exchange != "allgather":
+        if self.step_agreement == "previous" and self.exchange != "allgather":
             raise ValueError(
-                f"step_agreement 'per_rank' needs exchange 'allgather' (got {self.exchange!r}): "
-                "the reduce_scatter exchange sums integer levels, which needs agreed steps; "
-                "set exchange to 'allgather' or step_agreement to 'auto' or 'collective'"
+                f"step_agreement {self.step_agreement!r} needs exchange 'allgather' (got "
+                f"{self.exchange!r}): the reduce_scatter exchange sums integer levels, which "
+                "needs steps agreed before quantizing; set exchange to 'allgather' or "
+                "step_agreement to 'auto' or 'collective'"
             )
         if self.constraint_warmup_steps and not self.constraint_lambda:
             raise ValueError(

@@ -43,7 +43,7 @@ from .common import (
     stream_orders,
     with_slack,
 )
-from .per_rank import all_reduce_per_rank
+from .previous_steps import all_reduce_previous_steps
 from .state import GCTState
 
 __all__ = ["compressed_all_reduce", "decode_chunk", "encode_chunk"]
@@ -299,10 +299,10 @@ def compressed_all_reduce(
     if world == 1 or tensor.numel() == 0:
         return tensor
     allgather = exchange == "allgather" or (exchange == "auto" and world == 2)
-    agreement = state.cfg.step_agreement
-    if agreement == "per_rank" and not allgather:
+    previous = state.cfg.step_agreement == "previous"
+    if previous and not allgather:
         raise ValueError(
-            f"compressed_all_reduce: step_agreement 'per_rank' needs the allgather exchange, "
+            f"compressed_all_reduce: step_agreement 'previous' needs the allgather exchange, "
             f"got exchange {exchange!r} with {world} ranks"
         )
     me = dist.get_rank(group)
@@ -310,8 +310,8 @@ def compressed_all_reduce(
     flat = tensor.view(-1) if aliased else tensor.reshape(-1)
     n = flat.numel()
     block = min(state.cfg.block_size or n, n)
-    if allgather and agreement != "collective":
-        all_reduce_per_rank(flat, state, group, key=key, block=block, average=average)
+    if previous:
+        all_reduce_previous_steps(flat, state, group, key=key, block=block, average=average)
         if not aliased:
             tensor.copy_(flat.view_as(tensor))
         return tensor

@@ -31,27 +31,19 @@ __all__ = [
 
 @numba.njit(cache=True, nogil=True)
 def add_and_block_stats(x, res, block, v, rms, amax):
-    """v = x + res (res may be empty); per block RMS and max |v| of v. True if non-finite."""
+    """v = x + res (res may be empty, v may be x); per block RMS and max |v| of v (both from
+    ``_add_and_stats``). True if non-finite."""
     n = x.size
     has_res = res.size == n
     nonfinite = False
-    nb = rms.size
-    for b in range(nb):
+    mbits = np.zeros(1, np.int32)  # max |v| of a block, as bits, then as float32
+    for b in range(rms.size):
         lo = b * block
         hi = min(lo + block, n)
-        ss = 0.0
-        m = np.float32(0.0)
-        for i in range(lo, hi):
-            t = x[i] + res[i] if has_res else x[i]
-            v[i] = t
-            a = abs(t)
-            if not np.isfinite(a):
-                nonfinite = True
-            if a > m:
-                m = a
-            ss += np.float64(t) * t
+        ss, mbits[0] = _add_and_stats(x[lo:hi], res[lo:hi] if has_res else res, v[lo:hi])
+        nonfinite |= not np.isfinite(ss)  # an inf or NaN (finite squares cannot overflow)
         rms[b] = np.float32(np.sqrt(ss / (hi - lo)))
-        amax[b] = m
+        amax[b] = mbits.view(np.float32)[0]
     return nonfinite
 
 
@@ -289,10 +281,9 @@ def _code_chunk(q, lo, hi, runs, ko, auto, out, p, bits, orders, c):
 
 
 @numba.njit(cache=True, inline="always")
-def _own_step(ss, count, amax, relative, quant_step):
-    """A rank's own step for a block, as ``allreduce._own_steps`` computes it with torch ops
-    (float32 products, the float64 RMS rounded to float32; see there)."""
-    rms = np.float32(np.sqrt(ss / count))
+def _block_step(rms, amax, relative, quant_step):
+    """A block's step from an RMS (this rank's own, or the basis all ranks share), as
+    ``previous_steps.block_steps`` computes it with torch ops (float32 products)."""
     s = rms * quant_step if relative else quant_step
     if not s > 0:
         s = np.float32(1.0)  # an all-zero block: any step
@@ -302,15 +293,72 @@ def _own_step(ss, count, amax, relative, quant_step):
     return s
 
 
+@numba.njit(cache=True, inline="always")
+def _add_and_stats(x, res, v):
+    """v = x + res (res may be empty), and (sum of v^2 in float64, the int32 bits of max |v|).
+
+    Written for speed in a latency-bound loop: the sum runs in four float64 accumulators
+    (one sequential sum waits ~4 cycles per element) and the maximum over the int32 bits of
+    |v| (ordered like the floats for non-negative values; NaN bits sort above inf, and the
+    caller sees NaN or inf in the sum anyway).
+    """
+    n = x.size
+    if res.size == n:
+        for i in range(n):
+            v[i] = x[i] + res[i]
+    else:
+        v[:n] = x
+    vb = v[:n].view(np.int32)
+    mb = _I32(0)
+    for i in range(n):
+        mb = max(mb, vb[i] & _I32(0x7FFFFFFF))
+    s0 = s1 = s2 = s3 = 0.0
+    n4 = n - n % 4
+    for i in range(0, n4, 4):
+        t0, t1, t2, t3 = (
+            np.float64(v[i]),
+            np.float64(v[i + 1]),
+            np.float64(v[i + 2]),
+            np.float64(v[i + 3]),
+        )
+        s0 += t0 * t0
+        s1 += t1 * t1
+        s2 += t2 * t2
+        s3 += t3 * t3
+    for i in range(n4, n):
+        t = np.float64(v[i])
+        s0 += t * t
+    return (s0 + s1) + (s2 + s3), mb
+
+
 @numba.njit(cache=True, nogil=True)
 def add_quantize_encode(
-    x, res, block, relative, quant_step, mu, k, runs, th, chunk, ko, vb, q, err, steps, out
+    x,
+    res,
+    block,
+    relative,
+    quant_step,
+    basis,
+    mu,
+    k,
+    runs,
+    th,
+    chunk,
+    ko,
+    vb,
+    q,
+    err,
+    steps,
+    rms,
+    out,
 ):
-    """The per-rank-steps pass: for each block, v = x + res (into the block buffer ``vb``, so
-    it is read back from cache), its RMS and max |v|, the rank's own step (``steps[b]``), the
-    levels and residual as ``quantize_encode`` makes them, and the EG coding of every codec
-    chunk as soon as its levels are complete. One pass over memory: x and res are read once,
-    err and q written once; nothing waits for other ranks.
+    """The pass of steps set without a collective (``previous_steps.py``): for each block, v = x +
+    res (into the block buffer ``vb``, so it is read back from cache), its RMS (``rms[b]``) and
+    max |v|, the block's step (``steps[b]``: from ``basis[b]``, the RMS all ranks agreed on in
+    the previous call, or without a basis from this RMS), the levels and residual as
+    ``quantize_encode`` makes them, and the EG coding of every codec chunk as soon as its
+    levels are complete. One pass over memory: x and res are read once, err and q written
+    once; nothing waits for other ranks.
 
     Returns (non-finite, payload bytes, chunk bits, chunk orders, error code, sum of v^2). On a
     non-finite block it stops at once (the caller sends only the flag); ``err`` may then be
@@ -318,11 +366,13 @@ def add_quantize_encode(
     """
     n = x.size
     has_res = res.size == n
+    has_basis = basis.size == steps.size
     nchunks = (n + chunk - 1) // chunk
     bits = np.zeros(nchunks, np.int64)
     orders = np.zeros((nchunks, 3), np.uint8)
     auto = ko[0] < 0 or ko[1] < 0 or ko[2] < 0
     qs = np.float32(quant_step)
+    mbits = np.zeros(1, np.int32)  # max |v| of a block, as bits, then as float32
     vsq = 0.0
     p = np.uint64(0)
     c = 0
@@ -330,17 +380,14 @@ def add_quantize_encode(
         lo = b * block
         hi = min(lo + block, n)
         v = vb[: hi - lo]
-        ss = 0.0
-        m = np.float32(0.0)
-        for i in range(hi - lo):
-            t = x[lo + i] + res[lo + i] if has_res else x[lo + i]
-            v[i] = t
-            m = max(m, abs(t))
-            ss += np.float64(t) * t
+        ss, mbits[0] = _add_and_stats(x[lo:hi], res[lo:hi] if has_res else res, v)
+        m = mbits.view(np.float32)[0]
         if not np.isfinite(ss):  # an inf or NaN (finite squares cannot overflow float64)
             return True, 0, bits, orders, 0, vsq
         vsq += ss
-        s = _own_step(ss, hi - lo, m, relative, qs)
+        r = np.float32(np.sqrt(ss / (hi - lo)))  # float64 RMS rounded once, as torch does
+        rms[b] = r
+        s = _block_step(basis[b] if has_basis else r, m, relative, qs)
         steps[b] = s
         _quantize_range(v, s, th, mu, k, runs, q[lo:hi], err[lo:hi])
         while c < nchunks and min(n, (c + 1) * chunk) <= hi:  # chunks whose levels are done

@@ -77,6 +77,8 @@ class GCTState:
         self._constraint_n = 0
         self._workspace: dict[str, torch.Tensor] = {}
         self._spares: dict[str, torch.Tensor] = {}  # the residuals' second buffers
+        # Per bucket: the largest block RMS over ranks in its previous call (saved).
+        self.step_bases: dict[str, torch.Tensor] = {}
 
     # ---- error feedback -------------------------------------------------------------------
     def residual(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
@@ -99,6 +101,15 @@ class GCTState:
             self.residuals[key] = value
             if old is not None and old is not value and old.numel() == value.numel():
                 self.__dict__.setdefault("_spares", {})[key] = old
+
+    def step_basis(self, key: str, nb: int) -> torch.Tensor | None:
+        """The per-block RMS all ranks agreed on in ``key``'s previous call (float32, CPU), if
+        it has ``nb`` blocks: the basis of this call's steps (``step_agreement`` "previous")."""
+        basis = self.__dict__.setdefault("step_bases", {}).get(key)
+        return basis if basis is not None and basis.numel() == nb else None
+
+    def set_step_basis(self, key: str, basis: torch.Tensor) -> None:
+        self.__dict__.setdefault("step_bases", {})[key] = basis.detach().to("cpu", torch.float32)
 
     def next_residual(self, key: str, n: int) -> torch.Tensor:
         """A float32 CPU buffer of n elements for ``key``'s next residual that is not its
@@ -189,6 +200,7 @@ class GCTState:
                 for k, (p, g) in self.constraint_prev.items()
             },
             "stats": dataclasses.asdict(self.stats),
+            "step_bases": {k: v.clone() for k, v in self.__dict__.get("step_bases", {}).items()},
         }
 
     def load_state_dict(self, d: dict[str, Any], device: torch.device | str | None = None) -> None:
@@ -203,6 +215,8 @@ class GCTState:
             for k, (p, g) in d["constraint_prev"].items()
         }
         self.stats = GCTStats(**d["stats"])
+        # absent in checkpoints from before it existed: the next call starts from own RMS
+        self.step_bases = {k: v.clone() for k, v in d.get("step_bases", {}).items()}
 
     def __getstate__(self) -> dict[str, Any]:
         d = self.__dict__.copy()

@@ -1,21 +1,24 @@
-"""The all-gather exchange with per-rank steps (``step_agreement``: the default for 2 ranks).
+"""The all-gather exchange with steps from the previous call (``step_agreement: "previous"``).
 
-Each rank quantizes every block with its own step (from its own RMS, or the absolute step) and
-sends the steps in its payload's header; every rank dequantizes each rank's levels with that
-rank's steps and adds the float32 terms in rank order, so all ranks hold the same result bit for
-bit (the same terms added in the same order).
+The default (``allreduce.py``) agrees on each block's step by a small MAX all-reduce of block
+RMS before quantizing: every rank waits there for the slowest. Here each rank sends, in its
+payload's header, the steps it used and its blocks' RMS; the next call's step of a block is
+quant_step x the largest of those RMS, which every rank computes from the same headers (a
+bucket's first call uses each rank's own RMS). Every rank dequantizes each rank's levels with
+that rank's steps and adds the float32 terms in rank order: the same terms in the same order on
+every rank, so the result is identical on all of them bit for bit.
 
-Against agreed steps (``allreduce.py``): no small MAX all-reduce before quantizing, so no wait
-for the slowest rank there, and the statistics of a block are taken right before it is
-quantized, while it is in cache: one pass over memory instead of two. The header costs one
-float32 per block (0.008 bits/element at 4096-element blocks), the agreement cost two. What
-changes: a rank with small gradients quantizes them finely instead of with the largest rank's
-step, and the sums are float, not integer, so the reduce_scatter exchange (which codes integer
-sums) cannot use it.
+What it buys: one sync point fewer per call, and one pass over memory fewer (the statistics of a
+block are taken right before it is quantized, while it is in cache). What it costs: steps one
+call late (a block whose gradient grows quickly is quantized finely for a call; one that shrinks,
+coarsely); in the benchmark's training it reached the loss plateau's exit later in 2 of 3 seeds
+(docs/gct.md). The sums are float, so the reduce_scatter exchange (integer sums) cannot use it.
+Header: one float32 flag and two float32 per block (0.016 bits/element at 4096-element blocks).
 
 Non-finite gradients: a rank that meets an inf or NaN stops quantizing and sends only its flag.
-Every rank reads all flags after the exchange, returns NaN and keeps its residual; that is why
-the new residual is written into a second buffer and swapped in only once all flags are clear.
+Every rank reads all flags after the exchange, returns NaN and keeps its residual and step basis;
+that is why the new residual is written into a second buffer and swapped in only once all flags
+are clear.
 """
 
 from __future__ import annotations
@@ -43,24 +46,28 @@ from .common import (
 )
 from .state import GCTState
 
-__all__ = ["all_reduce_per_rank", "own_steps"]
+__all__ = ["all_reduce_previous_steps", "block_steps"]
 
 _FLAG_BYTES = 4  # header: a float32 non-finite flag, then (if clear) one float32 step per block
 
 
-def own_steps(state: GCTState, rms: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """This rank's step per block from its own statistics, with torch ops (the non-CPU path):
-    what ``kernels._own_step`` computes, float32 product for float32 product."""
+def block_steps(
+    state: GCTState, rms: torch.Tensor, amax: torch.Tensor, basis: torch.Tensor | None
+) -> torch.Tensor:
+    """Each block's step from ``basis`` (the RMS all ranks agreed on) or, without one, this
+    rank's own RMS, with torch ops (the non-CPU path): what ``kernels._block_step`` computes,
+    float32 product for float32 product."""
     qs = torch.tensor(state.cfg.quant_step, dtype=torch.float32, device=rms.device)
-    steps = rms * qs if state.cfg.step_mode == "relative" else qs.expand_as(rms).clone()
+    base = basis.to(rms.device) if basis is not None else rms
+    steps = base * qs if state.cfg.step_mode == "relative" else qs.expand_as(rms).clone()
     steps = torch.where(steps > 0, steps, torch.ones_like(steps))  # all-zero block: any step
     steps = torch.maximum(steps, amax * float(kernels.OWN_GUARD))  # levels fit the codec
     return torch.where(torch.isfinite(steps), steps, torch.full_like(steps, 3e38))
 
 
-def _encode_cpu(state: GCTState, x: torch.Tensor, residual, key: str, block: int):
-    """The fused pass (``kernels.add_quantize_encode``). Returns (q, err, steps, coded, sum of
-    err^2, sum of v^2); coded is None on a non-finite gradient."""
+def _encode_cpu(state: GCTState, x: torch.Tensor, residual, key: str, block: int, basis=None):
+    """The fused pass (``kernels.add_quantize_encode``). Returns (q, err, steps, rms, coded,
+    sum of err^2, sum of v^2); coded is None on a non-finite gradient."""
     cfg = state.cfg
     n = x.numel()
     nb = -(-n // block)
@@ -73,6 +80,7 @@ def _encode_cpu(state: GCTState, x: torch.Tensor, residual, key: str, block: int
         else state.workspace("err", n, torch.float32)
     )
     steps = torch.empty(nb, dtype=torch.float32)
+    rms = torch.empty(nb, dtype=torch.float32)
     chunk = codec.DEFAULT_CHUNK
     out = np.empty(MAX_CODE_BYTES * n + 8 * (n // chunk + 1) + 64, np.uint8)
     k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0  # RDOQ's rate model
@@ -82,6 +90,7 @@ def _encode_cpu(state: GCTState, x: torch.Tensor, residual, key: str, block: int
         block,
         cfg.step_mode == "relative",
         float(cfg.quant_step),
+        basis.numpy() if basis is not None else EMPTY_F32,
         float(cfg.rdoq_mu),
         k,
         bool(cfg.zero_runs),
@@ -92,38 +101,48 @@ def _encode_cpu(state: GCTState, x: torch.Tensor, residual, key: str, block: int
         q.numpy(),
         err.numpy(),
         steps.numpy(),
+        rms.numpy(),
         out,
     )
     if nonfinite:
-        return q, err, steps, None, 0.0, 0.0
+        return q, err, steps, rms, None, 0.0, 0.0
     if code != 0:
         raise ValueError(f"cannot encode the levels: {codec_cpu.error_message(code, -1)}")
     coded = coded_tensor(state, out, 0, nbytes, n, bits, orders)
-    return q, err, steps, coded, float(torch.dot(err, err)), float(v_sq)
+    return q, err, steps, rms, coded, float(torch.dot(err, err)), float(v_sq)
 
 
-def _encode_torch(state: GCTState, flat: torch.Tensor, residual, block: int):
+def _encode_torch(state: GCTState, flat: torch.Tensor, residual, block: int, basis=None):
     """Torch ops and the Triton codec (non-CPU tensors): as ``_encode_cpu``."""
     v = flat.to(torch.float32, copy=True)
     if residual is not None:
         v += residual
     rms, amax, nonfinite = block_stats(v, block)
-    steps = own_steps(state, rms, amax)
+    steps = block_steps(state, rms, amax, basis)
     if nonfinite:
-        return None, None, steps, None, 0.0, 0.0
+        return None, None, steps, rms, None, 0.0, 0.0
     q, err, err_sq, v_sq = quantize_torch(state, v, steps, block)
-    return q, err, steps, encode_chunk(q, state), err_sq, v_sq
+    return q, err, steps, rms, encode_chunk(q, state), err_sq, v_sq
+
+
+def _header_bytes(nb: int) -> int:
+    """Header of a payload: float32 non-finite flag, then per block the step and the RMS."""
+    return _FLAG_BYTES * (2 * nb + 1)
 
 
 def _headers(gathered: torch.Tensor, lens: list[int], width: int, nb: int):
-    """Every rank's (non-finite flag, steps) from the gathered payloads (steps None if set)."""
+    """Every rank's (non-finite flag, steps, RMS) from the gathered payloads (None, None if
+    the flag is set: the payload is the flag alone)."""
     out = []
     for r, length in enumerate(lens):
-        hb = _FLAG_BYTES * (nb + 1) if length > _FLAG_BYTES else _FLAG_BYTES
+        hb = _header_bytes(nb) if length > _FLAG_BYTES else _FLAG_BYTES
         if length < hb:
             raise ValueError(f"rank {r}'s payload has {length} bytes, less than its header")
         hdr = gathered[r * width : r * width + hb].to("cpu", copy=True).view(torch.float32)
-        out.append((bool(hdr[0] != 0), hdr[1:] if hdr[0] == 0 else None))
+        if hdr[0] != 0:
+            out.append((True, None, None))
+        else:
+            out.append((False, hdr[1 : nb + 1], hdr[nb + 1 :]))
     return out
 
 
@@ -135,7 +154,7 @@ def _decode_cpu(state, gathered, lens, width, me, q, steps, block, average, out)
     bits = np.zeros((world, nch), np.int64)
     starts = np.zeros((world, nch), np.int64)
     orders = np.zeros((world, nch, 3), np.uint8)
-    hb = _FLAG_BYTES * (steps.shape[1] + 1)
+    hb = _header_bytes(steps.shape[1])
     for r in range(world):
         if r == me:
             continue
@@ -171,7 +190,7 @@ def _decode_cpu(state, gathered, lens, width, me, q, steps, block, average, out)
 def _decode_torch(gathered, lens, width, me, q, steps, block, average) -> torch.Tensor:
     """Torch ops: as ``_decode_cpu``, the same float32 operations in the same order."""
     world, n = steps.shape[0], q.numel()
-    hb = _FLAG_BYTES * (steps.shape[1] + 1)
+    hb = _header_bytes(steps.shape[1])
     acc = None
     for r in range(world):
         if r == me:
@@ -186,26 +205,31 @@ def _decode_torch(gathered, lens, width, me, q, steps, block, average) -> torch.
     return acc / world if average else acc
 
 
-def all_reduce_per_rank(
+def all_reduce_previous_steps(
     flat: torch.Tensor, state: GCTState, group, *, key: str, block: int, average: bool
 ) -> None:
-    """Average (or sum) the 1-D ``flat`` over ``group`` in place, with per-rank steps."""
+    """Average (or sum) the 1-D ``flat`` over ``group`` in place, with steps set without a
+    collective: from the previous call's largest RMS over ranks (this rank's own RMS in the
+    bucket's first call)."""
     world, me = dist.get_world_size(group), dist.get_rank(group)
     n = flat.numel()
     nb = -(-n // block)
     t0 = time.perf_counter()
     residual = state.residual(key, flat)
+    basis = state.step_basis(key, nb)  # None in a bucket's first call: own RMS
     cpu = flat.device.type == "cpu"
     if cpu:
         x = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
-        q, err, steps, coded, err_sq, v_sq = _encode_cpu(state, x, residual, key, block)
+        q, err, steps, rms, coded, err_sq, v_sq = _encode_cpu(state, x, residual, key, block, basis)
     else:
-        q, err, steps, coded, err_sq, v_sq = _encode_torch(state, flat, residual, block)
-    hdr = torch.empty(nb + 1 if coded is not None else 1, dtype=torch.float32, device=flat.device)
-    hdr[0] = 0.0 if coded is not None else 1.0
-    if coded is not None:
-        hdr[1:] = steps
-    parts = [hdr.view(torch.uint8)] + ([coded] if coded is not None else [])
+        q, err, steps, rms, coded, err_sq, v_sq = _encode_torch(state, flat, residual, block, basis)
+    ok = coded is not None
+    hdr = torch.zeros(2 * nb + 1 if ok else 1, dtype=torch.float32, device=flat.device)
+    hdr[0] = 0.0 if ok else 1.0
+    if ok:
+        hdr[1 : nb + 1] = steps
+        hdr[nb + 1 :] = rms
+    parts = [hdr.view(torch.uint8)] + ([coded] if ok else [])
 
     t1 = time.perf_counter()
     gathered, lens, width = gather_coded(parts, group, world)
@@ -213,13 +237,15 @@ def all_reduce_per_rank(
     small = 8 * (world - 1)  # the length exchange
     sent = (world - 1) * width + small
     headers = _headers(gathered, lens, width, nb)
-    if any(flag for flag, _ in headers):
-        flat.fill_(float("nan"))
+    if any(flag for flag, _, _ in headers):
+        flat.fill_(float("nan"))  # residual and basis stay as they were
         state.record(calls=1, nonfinite_calls=1, comm_s=t2 - t1, bytes_sent=sent)
         return
-    all_steps = torch.stack([s for _, s in headers])  # ours included: the bits we sent
+    all_steps = torch.stack([s for _, s, _ in headers])  # ours included: the bits we sent
     if err is not None:
         state.set_residual(key, err)
+    # the next call's steps: the largest RMS over ranks, the same on every rank
+    state.set_step_basis(key, torch.stack([r for _, _, r in headers]).amax(0))
     if cpu:
         out = flat if flat.dtype == torch.float32 else torch.empty(n, dtype=torch.float32)
         _decode_cpu(state, gathered, lens, width, me, q, all_steps, block, average, out)
