@@ -42,7 +42,6 @@ _HO = 34  # histogram columns: leading-ones count, 0..33
 _SMALL = 4096  # values below this are counted in a direct histogram first
 _U_SMALL = np.uint64(_SMALL)
 
-U64_0 = np.uint64(0)
 U64_1 = np.uint64(1)
 # uint64 copies: numba compares uint64 with int64 through float64, so keep comparisons unsigned.
 U_MAX_U = np.uint64(MAX_U)
@@ -266,6 +265,16 @@ def _put(out, p, acc, nacc, val, ln):
 
 
 @njit(inline="always")
+def _join(out, p, acc, nacc, val, ln, cv, cl):
+    """Append code (cv, cl) to the pending word (val, ln), writing the pending word out first
+    if both would not fit in 63 bits; returns (p, acc, nacc, val, ln)."""
+    if ln + cl > np.uint64(63):
+        p, acc, nacc = _put(out, p, acc, nacc, val, ln)
+        return p, acc, nacc, cv, cl
+    return p, acc, nacc, (val << cl) | cv, ln + cl
+
+
+@njit(inline="always")
 def _code(u, k):
     """(u + 2^k, code length) of EG_k(u): the value is written in that many bits."""
     val = u + (U64_1 << k)
@@ -295,53 +304,37 @@ def _encode_chunk(q, lo, hi, runs, k0, k1, k2, out, p):
         kb = np.uint64(k1)
         kv = np.uint64(k2)
         # Positions of the nonzeros first, without a branch (zeros are most elements and come
-        # in no predictable pattern), then the positions (in that list) of the |q| >= 2 ones:
-        # each count code is then a difference, without scanning ahead.
+        # in no predictable pattern), then codes for the nonzeros only.
         nz = np.empty(hi - lo, np.int32)
         cnt = 0
         for i in range(lo, hi):
             nz[cnt] = i
             cnt += q[i] != 0
-        big = np.empty(cnt + 1, np.int32)
-        nbig = 0
-        for j in range(cnt):
-            big[nbig] = j
-            a = q[nz[j]]
-            nbig += (a > 1) | (a < -1)
-        big[nbig] = cnt
         prev = lo - 1
-        g = 0  # the next |q| >= 2 nonzero is nz[big[g]]
         need_count = True
         for j in range(cnt):
             i = np.int64(nz[j])
             a = np.int64(q[i])
-            m = abs(a)
-            # A nonzero's codes: run, sign, the ones count (at the chunk's first nonzero and
-            # after each |q| >= 2), the value (|q| >= 2). All are computed and the absent ones
-            # get length 0, so there is no unpredictable branch; joined into one word while
-            # they fit in 63 bits (nearly always), so the bit writer runs once per nonzero.
+            # One nonzero's codes are joined into one word while they fit in 63 bits (nearly
+            # always), so the bit writer runs once per nonzero. Run then sign first.
             val, ln = _code(np.uint64(i - prev - 1), kr)  # a run < 2^23 codes to <= 47 bits
             val = (val << U64_1) | np.uint64(a < 0)
             ln += U64_1
             prev = i
-            cv, cl = _code(np.uint64(big[g] - j), kb)
-            cv = cv if need_count else U64_0
-            cl = cl if need_count else U64_0
-            is_big = m > 1
-            vv, vl = _code(np.uint64(max(m - 2, 0)), kv)
-            vv = vv if is_big else U64_0
-            vl = vl if is_big else U64_0
-            g += is_big
-            need_count = is_big
-            if ln + cl + vl <= np.uint64(63):
-                val = (((val << cl) | cv) << vl) | vv
-                p, acc, nacc = _put(out, p, acc, nacc, val, ln + cl + vl)
-            else:  # long codes: the same bits, written one code at a time
-                p, acc, nacc = _put(out, p, acc, nacc, val, ln)
-                if cl > U64_0:
-                    p, acc, nacc = _put(out, p, acc, nacc, cv, cl)
-                if vl > U64_0:
-                    p, acc, nacc = _put(out, p, acc, nacc, vv, vl)
+            m = abs(a)
+            if need_count:
+                # How many |q| == 1 nonzeros come before the next |q| >= 2 (or the chunk's end).
+                t = j
+                while t < cnt and abs(np.int64(q[nz[t]])) == 1:
+                    t += 1
+                cv, cl = _code(np.uint64(t - j), kb)
+                p, acc, nacc, val, ln = _join(out, p, acc, nacc, val, ln, cv, cl)
+                need_count = False
+            if m > 1:
+                cv, cl = _code(np.uint64(m - 2), kv)
+                p, acc, nacc, val, ln = _join(out, p, acc, nacc, val, ln, cv, cl)
+                need_count = True
+            p, acc, nacc = _put(out, p, acc, nacc, val, ln)
         if hi - prev - 1 > 0:  # trailing zeros: a run with nothing after it (size is known)
             val, ln = _code(np.uint64(hi - prev - 1), kr)
             p, acc, nacc = _put(out, p, acc, nacc, val, ln)
