@@ -255,6 +255,7 @@ def test_rdoq_trades_error_for_bits() -> None:
 def test_state_round_trip_and_pickle() -> None:
     s = GCTState(_gct(constraint_lambda=0.1, constraint_warmup_steps=10))
     s.set_residual("e0", torch.arange(4.0))
+    s.set_step_basis("e0", torch.tensor([0.5, 2.0]))
     s.constraint_prev["g0.p0"] = (torch.ones(2), torch.zeros(2))
     s.on_step(5)
     assert s.constraint_lambda == pytest.approx(0.05)
@@ -262,6 +263,16 @@ def test_state_round_trip_and_pickle() -> None:
     t = GCTState(s.cfg)
     t.load_state_dict(pickle.loads(pickle.dumps(s.state_dict())))
     assert torch.equal(t.residuals["e0"], torch.arange(4.0)) and t.global_step == 5
+    assert torch.equal(t.step_basis("e0", 2), torch.tensor([0.5, 2.0]))
+    assert t.step_basis("e0", 3) is None  # another block count: not applied
+    # double buffering: the replaced residual becomes the next call's buffer, never the live one
+    t.set_residual("e0", torch.zeros(4))
+    spare = t.next_residual("e0", 4)
+    assert spare.data_ptr() != t.residuals["e0"].data_ptr()
+    assert torch.equal(spare, torch.arange(4.0))  # the old residual's memory, reused
+    older = {k: v for k, v in s.state_dict().items() if k != "step_bases"}  # an older checkpoint
+    t.load_state_dict(older)
+    assert t.step_basis("e0", 2) is None
     assert t.stats.bits_per_element == pytest.approx(2.0)
     assert s.scalars()["bits_per_element"] == pytest.approx(2.0)
     assert s.scalars()["bytes_sent"] == 0.0  # a window since the last call

@@ -320,6 +320,17 @@ def _previous_steps_against_reference() -> dict:
                 torch.equal(y, acc / world) and torch.equal(state.residuals["g"], residuals[rank])
             )
         out[name] = all(rows)
+    # Resuming from state_dict (residual and step basis) continues bit for bit.
+    cfg = GCTConfig(enabled=True, rdoq_mu=0.1, exchange="allgather", step_agreement="previous")
+    xs = [_grad_like(500 + t + 10 * rank, 5000) for t in range(4)]
+    straight = GCTState(cfg)
+    want = [compressed_all_reduce(x.clone(), straight, key="g") for x in xs]
+    first = GCTState(cfg)
+    got = [compressed_all_reduce(x.clone(), first, key="g") for x in xs[:2]]
+    resumed = GCTState(cfg)
+    resumed.load_state_dict(first.state_dict())
+    got += [compressed_all_reduce(x.clone(), resumed, key="g") for x in xs[2:]]
+    out["resume"] = all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
     return out
 
 
