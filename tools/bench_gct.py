@@ -309,7 +309,7 @@ def e2e_rank(
     counter = ByteCounter()
     out = {}
     for method in methods:
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         model = GPT(gpt_config())
         n = sum(p.numel() for p in model.parameters())
         ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=64)
@@ -319,7 +319,7 @@ def e2e_rank(
         if gct is not None and gct.cfg.constraint_lambda > 0:
             named = [(name, p) for name, p in model.named_parameters()]
             opt.register_step_pre_hook(lambda *_, s=gct, nm=named: apply_constraint(s, nm))
-        batches = random_batches(tokens, args.batch, 128, seed=rank)
+        batches = random_batches(tokens, args.batch, 128, seed=rank + 10 * args.seed)
         losses, times = [], []
         b0 = counter.bytes
         for step in range(steps):
@@ -509,6 +509,7 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=4096)
     p.add_argument("--constraint-lambda", type=float, default=1e-3)
     p.add_argument("--methods", default=",".join(METHODS_E2E))
+    p.add_argument("--seed", type=int, default=0, help="e2e: model init and data seed")
     p.add_argument("--skip", default="", help="comma list of parts to skip: capture,allreduce,e2e")
     p.add_argument(
         "--before-impl",

@@ -13,7 +13,8 @@ One call, on every rank of ``group``:
    identical on all ranks bit for bit.
 
 On CPU the element-wise passes are fused numba kernels (``kernels.py``), single-threaded: ranks
-usually share the cores.
+usually share the cores. ``step_agreement: "previous"`` replaces step 2 by the previous call's
+statistics, sent with the payloads (``previous_steps.py``).
 
 The uncompressed tensor never goes on the wire. Bytes are counted as handed to the collectives.
 """
@@ -288,6 +289,8 @@ def compressed_all_reduce(
     every rank: with 2 ranks fewer bytes and 3 collectives instead of 5), "reduce_scatter"
     (coded chunks to their owners, then an all-gather of the coded sums: wire volume independent
     of the world size), or "auto" (allgather for 2 ranks). Both give the same result bit for bit.
+    With the config's ``step_agreement`` "previous" (allgather only) the steps come from the
+    previous call's headers instead of a MAX all-reduce (``previous_steps.py``).
     """
     exchange = state.cfg.exchange if exchange is None else exchange
     if exchange not in _EXCHANGES:
