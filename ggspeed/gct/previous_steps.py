@@ -48,7 +48,7 @@ from .state import GCTState
 
 __all__ = ["all_reduce_previous_steps", "block_steps"]
 
-_FLAG_BYTES = 4  # header: a float32 non-finite flag, then (if clear) one float32 step per block
+_FLAG_BYTES = 4  # a float32 non-finite flag opens every payload (see _header_bytes)
 
 
 def block_steps(
