@@ -284,8 +284,7 @@ def _previous_steps_against_reference() -> dict:
 
     from ggspeed.config import GCTConfig
     from ggspeed.gct import GCTState, compressed_all_reduce
-    from ggspeed.gct.common import block_stats, quantize_torch
-    from ggspeed.gct.previous_steps import block_steps
+    from ggspeed.gct.common import block_stats, block_steps, quantize_torch
 
     rank, world, n = dist.get_rank(), dist.get_world_size(), 70_001
     out = {}
@@ -310,7 +309,7 @@ def _previous_steps_against_reference() -> dict:
             for r in range(world):
                 v = xs[r] + residuals[r]
                 rms, amax, _ = block_stats(v, block)
-                s = block_steps(ref, rms, amax, basis)
+                s = block_steps(ref, basis if basis is not None else rms, amax, 1)
                 q, residuals[r], *_ = quantize_torch(ref, v, s, block)
                 term = q.float() * s.repeat_interleave(block)[:n]
                 acc = term if acc is None else acc + term

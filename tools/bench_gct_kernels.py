@@ -72,7 +72,7 @@ def main() -> None:
     v, msg = ar._prepare(mine.clone(), None, block)
     other, other_msg = ar._prepare(theirs.clone(), None, block)
     nb = (msg.numel() - 1) // 2
-    steps = ar._steps(state, torch.maximum(msg, other_msg)[:nb], msg[nb : 2 * nb], world)
+    steps = common.block_steps(state, torch.maximum(msg, other_msg)[:nb], msg[nb : 2 * nb], world)
     bounds = [0, n]
     q, _, _, _, (coded,) = ar._quantize_encode_cpu(state, v, steps, block, residual, bounds, -1)
     q = q.clone()

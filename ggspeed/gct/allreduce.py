@@ -32,8 +32,9 @@ from ..codec import cpu as codec_cpu
 from . import kernels
 from .common import (
     EMPTY_F32,
-    MAX_CODE_BYTES,
     block_stats,
+    block_steps,
+    code_buffer,
     coded_tensor,
     decode_chunk,
     encode_chunk,
@@ -49,8 +50,6 @@ from .state import GCTState
 
 __all__ = ["compressed_all_reduce", "decode_chunk", "encode_chunk"]
 
-# Largest |integer sum| allowed: leaves headroom below the codec's 32-bit code width.
-_MAX_LEVEL = 2**29  # codec.MAX_ABS is 2**30 - 1
 _EXCHANGES = ("auto", "allgather", "reduce_scatter")
 
 
@@ -74,7 +73,7 @@ def _quantize_encode_cpu(
     q = state.workspace("levels", n, torch.int32)  # used up before this call returns
     err = _err_out(state, residual, n)
     chunk = codec.DEFAULT_CHUNK
-    out = np.empty(MAX_CODE_BYTES * n + 8 * (n // chunk + len(bounds)) + 64, np.uint8)
+    out = code_buffer(n, len(bounds) - 1)
     k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0  # RDOQ's rate model
     seg_bytes, bits, orders, code = kernels.quantize_encode(
         v.numpy(),
@@ -147,19 +146,6 @@ def _chunk_bounds(n: int, world: int) -> list[int]:
     for r in range(world):
         bounds.append(bounds[-1] + base + (1 if r < extra else 0))
     return bounds
-
-
-def _steps(state: GCTState, rms: torch.Tensor, amax: torch.Tensor, world: int) -> torch.Tensor:
-    """One quantization step per block, the same on every rank (derived from agreed numbers)."""
-    cfg = state.cfg
-    if cfg.step_mode == "relative":
-        steps = rms * cfg.quant_step
-    else:
-        steps = torch.full_like(rms, cfg.quant_step)
-    steps = torch.where(steps > 0, steps, torch.ones_like(steps))  # all-zero block: any step
-    # Never let the integer sums outgrow the codec: coarsen the step instead (same on all ranks).
-    steps = torch.maximum(steps, amax * (world / _MAX_LEVEL))
-    return torch.where(torch.isfinite(steps), steps, torch.full_like(steps, 3e38))
 
 
 def _prepare(flat: torch.Tensor, residual: torch.Tensor | None, block: int):
@@ -247,7 +233,7 @@ def _reduce_scatter_gather(
     recv = with_slack(total, dev)
     dist.all_to_all_single(recv[:total], torch.cat(payload), out_sizes, in_sizes, group=group)
     t4 = time.perf_counter()
-    # int32 is exact: _steps keeps |level| * world below 2^29
+    # int32 is exact: block_steps keeps |level| * world below 2^29
     mine = q[bounds[me] : bounds[me + 1]]
     offset = 0
     for size in out_sizes:
@@ -333,7 +319,7 @@ def compressed_all_reduce(
         state.record(calls=1, nonfinite_calls=1, comm_s=t2 - t1, bytes_sent=tiny_bytes)
         return tensor
 
-    steps = _steps(state, msg[:nb], msg[nb : 2 * nb], world)
+    steps = block_steps(state, msg[:nb], msg[nb : 2 * nb], world)
     # allgather: every rank's coded levels to every rank; reduce_scatter: coded chunk r to rank r
     bounds = [0, n] if allgather else _chunk_bounds(n, world)
     skip = -1 if allgather else me

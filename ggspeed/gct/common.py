@@ -10,6 +10,7 @@ import torch.distributed as dist
 from .. import codec
 from ..codec import api as codec_api
 from ..codec import cpu as codec_cpu
+from .kernels import MAX_LEVEL
 from .rdoq import quantize_rdoq
 from .state import GCTState
 
@@ -19,6 +20,28 @@ all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_te
 EMPTY_F32 = np.empty(0, dtype=np.float32)
 # Worst case of one element's codes (runs mode: run + sign + ones count + value, each <= 63 bits)
 MAX_CODE_BYTES = 24
+
+
+def code_buffer(n: int, segments: int) -> np.ndarray:
+    """An output buffer for the CPU kernels that code n levels in ``segments`` streams: their
+    worst case (numba does not check bounds), with room for each chunk's partial last word."""
+    nwords = n // codec.DEFAULT_CHUNK + segments + 1
+    return np.empty(MAX_CODE_BYTES * n + 8 * nwords + 64, np.uint8)
+
+
+def block_steps(state: GCTState, rms: torch.Tensor, amax: torch.Tensor, world: int):
+    """One quantization step per block from a per-block RMS and max |v| that every rank holds
+    alike (agreed, or from the previous call's headers), so every rank derives the same steps;
+    coarsened where the integer sums over ``world`` ranks could outgrow the codec (``world`` 1:
+    the levels of one rank)."""
+    cfg = state.cfg
+    if cfg.step_mode == "relative":
+        steps = rms * cfg.quant_step
+    else:
+        steps = torch.full_like(rms, cfg.quant_step)
+    steps = torch.where(steps > 0, steps, torch.ones_like(steps))  # all-zero block: any step
+    steps = torch.maximum(steps, amax * (world / MAX_LEVEL))
+    return torch.where(torch.isfinite(steps), steps, torch.full_like(steps, 3e38))
 
 
 def encode_chunk(q: torch.Tensor, state: GCTState) -> torch.Tensor:

@@ -79,8 +79,10 @@ def _cost_bits(lev, k, runs):
 
 _I32 = np.int32
 
-# Per-rank steps are at least max|v| / 2^29: levels (not sums) must fit the codec.
-OWN_GUARD = np.float32(2.0**-29)
+# Largest |level| (or integer sum of levels) a step may leave: headroom below the codec's
+# MAX_ABS (2^30 - 1). A step is at least max|v| x world / MAX_LEVEL.
+MAX_LEVEL = 2**29
+_LEVEL_GUARD = np.float32(1.0 / MAX_LEVEL)  # world 1: the levels alone (steps of one rank)
 
 
 @numba.njit(cache=True, inline="always")
@@ -283,11 +285,11 @@ def _code_chunk(q, lo, hi, runs, ko, auto, out, p, bits, orders, c):
 @numba.njit(cache=True, inline="always")
 def _block_step(rms, amax, relative, quant_step):
     """A block's step from an RMS (this rank's own, or the basis all ranks share), as
-    ``previous_steps.block_steps`` computes it with torch ops (float32 products)."""
+    ``common.block_steps`` computes it with torch ops for world 1 (float32 products)."""
     s = rms * quant_step if relative else quant_step
     if not s > 0:
         s = np.float32(1.0)  # an all-zero block: any step
-    s = max(s, amax * OWN_GUARD)  # levels stay below 2^29: the codec takes them
+    s = max(s, amax * _LEVEL_GUARD)  # levels stay below MAX_LEVEL: the codec takes them
     if not np.isfinite(s):
         s = np.float32(3e38)
     return s

@@ -34,8 +34,9 @@ from ..codec import cpu as codec_cpu
 from . import kernels
 from .common import (
     EMPTY_F32,
-    MAX_CODE_BYTES,
     block_stats,
+    block_steps,
+    code_buffer,
     coded_tensor,
     decode_chunk,
     encode_chunk,
@@ -46,23 +47,9 @@ from .common import (
 )
 from .state import GCTState
 
-__all__ = ["all_reduce_previous_steps", "block_steps"]
+__all__ = ["all_reduce_previous_steps"]
 
 _FLAG_BYTES = 4  # a float32 non-finite flag opens every payload (see _header_bytes)
-
-
-def block_steps(
-    state: GCTState, rms: torch.Tensor, amax: torch.Tensor, basis: torch.Tensor | None
-) -> torch.Tensor:
-    """Each block's step from ``basis`` (the RMS all ranks agreed on) or, without one, this
-    rank's own RMS, with torch ops (the non-CPU path): what ``kernels._block_step`` computes,
-    float32 product for float32 product."""
-    qs = torch.tensor(state.cfg.quant_step, dtype=torch.float32, device=rms.device)
-    base = basis.to(rms.device) if basis is not None else rms
-    steps = base * qs if state.cfg.step_mode == "relative" else qs.expand_as(rms).clone()
-    steps = torch.where(steps > 0, steps, torch.ones_like(steps))  # all-zero block: any step
-    steps = torch.maximum(steps, amax * float(kernels.OWN_GUARD))  # levels fit the codec
-    return torch.where(torch.isfinite(steps), steps, torch.full_like(steps, 3e38))
 
 
 def _encode_cpu(state: GCTState, x: torch.Tensor, residual, key: str, block: int, basis=None):
@@ -82,7 +69,7 @@ def _encode_cpu(state: GCTState, x: torch.Tensor, residual, key: str, block: int
     steps = torch.empty(nb, dtype=torch.float32)
     rms = torch.empty(nb, dtype=torch.float32)
     chunk = codec.DEFAULT_CHUNK
-    out = np.empty(MAX_CODE_BYTES * n + 8 * (n // chunk + 1) + 64, np.uint8)
+    out = code_buffer(n, 1)
     k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0  # RDOQ's rate model
     nonfinite, nbytes, bits, orders, code, v_sq = kernels.add_quantize_encode(
         x.numpy(),
@@ -118,7 +105,8 @@ def _encode_torch(state: GCTState, flat: torch.Tensor, residual, block: int, bas
     if residual is not None:
         v += residual
     rms, amax, nonfinite = block_stats(v, block)
-    steps = block_steps(state, rms, amax, basis)
+    # world 1: the sums are float, only each rank's levels must fit the codec
+    steps = block_steps(state, basis.to(rms.device) if basis is not None else rms, amax, 1)
     if nonfinite:
         return None, None, steps, rms, None, 0.0, 0.0
     q, err, err_sq, v_sq = quantize_torch(state, v, steps, block)
