@@ -37,15 +37,14 @@ def test_fused_quantize_matches_reference(k: int, runs: bool, mu: float) -> None
     state = GCTState(_gct(eg_order=k, zero_runs=runs, rdoq_mu=mu))
     residual = torch.zeros(n)
     # segment 0 skipped: quantization only, as the unfused path would do it
-    q, err, esq, vsq, _ = allreduce._quantize_encode_cpu(
-        state, v, steps, block, residual, [0, n], 0
-    )
+    q, err, esq, _ = allreduce._quantize_encode_cpu(state, v, steps, block, residual, [0, n], 0)
     step = steps.repeat_interleave(block)[:n]
     ref = quantize_rdoq(v, step, mu, k, runs)
     assert torch.equal(q, ref)
     ref_err = v - ref.float() * step
     assert err is residual and torch.equal(err, ref_err)
     assert esq == pytest.approx(float(ref_err.double().square().sum()), rel=1e-6)
+    _, _, vsq = allreduce._prepare(state, v.clone(), None, block)  # the statistics pass takes it
     assert vsq == pytest.approx(float(v.double().square().sum()), rel=1e-6)
 
 
@@ -55,7 +54,7 @@ def test_fused_quantize_matches_reference(k: int, runs: bool, mu: float) -> None
 def test_quantize_encode_gives_the_codec_bytes(order, runs: bool, segments: int) -> None:
     """The one-pass quantize-and-encode writes, per segment, the very stream ``encode_chunk``
     makes of the levels (what the receivers' decoder and the CUDA path expect), and
-    ``_decode_add_cpu`` adds a received stream into a level tensor."""
+    ``decode_add_cpu`` adds a received stream into a level tensor."""
     from ggspeed.gct import allreduce, common
 
     torch.manual_seed(7)
@@ -66,7 +65,7 @@ def test_quantize_encode_gives_the_codec_bytes(order, runs: bool, segments: int)
     bounds = allreduce._chunk_bounds(n, segments)
     skip = 1 if segments > 1 else -1
     residual = torch.zeros(n)
-    q, err, _, _, coded = allreduce._quantize_encode_cpu(
+    q, err, _, coded = allreduce._quantize_encode_cpu(
         state, v.clone(), steps, block, residual, bounds, skip
     )
     q_ref, err_ref, _, _ = common.quantize_torch(state, v.clone(), steps, block)
@@ -83,17 +82,17 @@ def test_quantize_encode_gives_the_codec_bytes(order, runs: bool, segments: int)
         acc = torch.randint(-1000, 1000, seg.shape, dtype=torch.int32)
         want = acc + seg
         acc0 = acc.clone()
-        allreduce._decode_add_cpu(buf, 5, coded[r].numel(), acc)
+        common.decode_add_cpu(buf, 5, coded[r].numel(), acc)
         assert torch.equal(acc, want)
         # finish: the sums go dequantized to out, exactly as _dequantize computes them
         seg_steps = steps.repeat_interleave(block)[bounds[r] : bounds[r + 1]]  # block 1
         out = torch.empty(seg.numel())
-        allreduce._decode_add_cpu(buf, 5, coded[r].numel(), acc0, (seg_steps, 1, 2, True, out))
+        common.decode_add_cpu(buf, 5, coded[r].numel(), acc0, (seg_steps, 1, 2, True, out))
         assert torch.equal(out, allreduce._dequantize(want, seg_steps, 1, 2, True, None))
         with pytest.raises(ValueError, match="truncated"):
-            allreduce._decode_add_cpu(buf, 5, coded[r].numel() - 1, acc.clone())
+            common.decode_add_cpu(buf, 5, coded[r].numel() - 1, acc.clone())
         with pytest.raises(ValueError, match="expected"):
-            allreduce._decode_add_cpu(buf, 5, coded[r].numel(), acc[1:].clone())
+            common.decode_add_cpu(buf, 5, coded[r].numel(), acc[1:].clone())
 
 
 def test_bad_exchange_named() -> None:
@@ -101,6 +100,25 @@ def test_bad_exchange_named() -> None:
 
     with pytest.raises(ValueError, match="exchange must be one of"):
         compressed_all_reduce(torch.zeros(3), GCTState(_gct()), exchange="ring")
+
+
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+def test_block_steps_kernel_matches_torch_ops(mode: str) -> None:
+    """The CPU steps (numba) are the torch ops' float32 steps, for every world size: all-zero
+    blocks, huge max |v| (the codec's range guard), inf."""
+    from ggspeed.gct import common
+
+    torch.manual_seed(5)
+    rms = torch.rand(500) * torch.logspace(-8, 3, 500)
+    amax = rms * torch.rand(500) * 1e3
+    rms[:20], amax[:10] = 0.0, 0.0
+    amax[20:30] = torch.logspace(20, 38, 10)
+    rms[30], amax[31] = float("inf"), float("inf")
+    state = GCTState(_gct(step_mode=mode, quant_step=0.7 if mode == "relative" else 3e-4))
+    for world in (1, 2, 3, 8):
+        got = common.block_steps(state, rms, amax, world)
+        want = common.block_steps_torch(state, rms, amax, world)
+        assert got.dtype == torch.float32 and torch.equal(got, want), world
 
 
 @pytest.mark.parametrize(

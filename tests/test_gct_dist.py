@@ -333,11 +333,90 @@ def _previous_steps_against_reference() -> dict:
     return out
 
 
+def _direct_exchange() -> dict:
+    """The direct exchange (CPU on gloo: point-to-point pieces) against the all-gather through
+    collectives, over 3 error-feedback steps: the same results and residuals bit for bit; the
+    bytes one rank counts as sent are those the other counts as received; a stream whose
+    header lies is refused naming the sender and the piece."""
+    import torch.distributed as dist
+
+    from ggspeed.codec import stream as codec_stream
+    from ggspeed.config import GCTConfig
+    from ggspeed.gct import GCTState, compressed_all_reduce, direct
+
+    rank, n = dist.get_rank(), 100_000
+    usable, min_piece = direct.usable, direct.MIN_PIECE
+    direct.MIN_PIECE = 2 * 16384  # 3 pieces of 100,000 elements
+    assert len(direct.piece_bounds(n, 4096)) == 4
+    out: dict = {"same": {}, "bytes": {}, "int8": {}}
+    settings = {
+        "rdoq_auto": {"rdoq_mu": 0.1, "eg_order": "auto"},
+        "plain_k2": {"zero_runs": False, "eg_order": 2, "quant_step": 0.3},
+        "block_5000": {"block_size": 5000, "rdoq_mu": 0.2},  # pieces cut at whole blocks
+        "bf16": {"rdoq_mu": 0.1},
+        "fine_absolute": {"step_mode": "absolute", "quant_step": 1e-5},  # int32 levels
+    }
+    for name, kw in settings.items():
+        dtype = torch.bfloat16 if name == "bf16" else torch.float32
+        results = {}
+        for path in ("direct", "collectives"):
+            direct.usable = usable if path == "direct" else (lambda *_: False)
+            state = GCTState(GCTConfig(enabled=True, exchange="allgather", **kw))
+            ys = []
+            for t in range(3):
+                x = _grad_like(10 * t + rank, n).to(dtype) * (1 + t)
+                ys.append(compressed_all_reduce(x, state, key="g"))
+            results[path] = (ys, state.residuals["g"].clone(), state.stats)
+            if path == "direct":  # levels kept as int8 where they fit
+                out["int8"][name] = "levels8" in state._workspace
+        (ya, ra, sa), (yb, rb, _) = results["direct"], results["collectives"]
+        out["same"][name] = all(
+            torch.equal(a, b) and a.dtype == dtype for a, b in zip(ya, yb)
+        ) and torch.equal(ra, rb)
+        out["bytes"][name] = [int(sa.bytes_sent), int(sa.bytes_received)]
+    direct.usable = usable
+    # rank 1's header claims more code bits than its chunks hold
+    write_head = codec_stream.write_head
+
+    def lying_head(buf, *a):
+        size = write_head(buf, *a)
+        buf[24:32] = (buf[24:32].view("<u8") + 8).view("u1")
+        return size
+
+    if rank == 1:
+        codec_stream.write_head = lying_head
+    try:
+        compressed_all_reduce(_grad_like(7, n), GCTState(GCTConfig(enabled=True)), key="g")
+        out["corrupt"] = None
+    except ValueError as e:
+        out["corrupt"] = str(e)
+    codec_stream.write_head = write_head
+    # the connection stays usable: the next call's messages meet the next call's receives
+    y = compressed_all_reduce(_grad_like(8, n), GCTState(GCTConfig(enabled=True)), key="g")
+    out["after_corrupt"] = bool(torch.isfinite(y).all() and y.abs().sum() > 0)
+    direct.MIN_PIECE = min_piece
+    return out
+
+
 def _two_ranks() -> dict:
-    return {"agree": _exchanges_agree(), "previous": _previous_steps_against_reference()}
+    return {
+        "agree": _exchanges_agree(),
+        "previous": _previous_steps_against_reference(),
+        "direct": _direct_exchange(),
+    }
 
 
 def test_exchanges_agree_and_previous_steps() -> None:
-    for r in run_ranks(_two_ranks, 2):
+    res = run_ranks(_two_ranks, 2)
+    for r in res:
         assert all(r["agree"].values()), r
         assert all(r["previous"].values()), r
+        assert all(r["direct"]["same"].values()) and len(r["direct"]["same"]) == 5, r
+        assert r["direct"]["int8"]["rdoq_auto"] and not r["direct"]["int8"]["fine_absolute"], r
+    for name in res[0]["direct"]["bytes"]:
+        (sent0, got0), (sent1, got1) = (r["direct"]["bytes"][name] for r in res)
+        assert sent0 == got1 and sent1 == got0 and sent0 > 0, (name, sent0, got0, sent1, got1)
+    assert res[1]["direct"]["corrupt"] is None  # rank 0's streams were sound
+    assert res[0]["direct"]["after_corrupt"] and res[1]["direct"]["after_corrupt"]
+    assert "rank 1's piece 0" in res[0]["direct"]["corrupt"], res[0]["direct"]["corrupt"]
+    assert "header says" in res[0]["direct"]["corrupt"], res[0]["direct"]["corrupt"]

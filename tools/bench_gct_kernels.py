@@ -69,22 +69,23 @@ def main() -> None:
     cfg = GCTConfig(enabled=True, quant_step=1.0, block_size=block, rdoq_mu=0.1)
     state = GCTState(cfg)
     residual = torch.zeros(n)
-    v, msg = ar._prepare(mine.clone(), None, block)
-    other, other_msg = ar._prepare(theirs.clone(), None, block)
+    v, msg, _ = ar._prepare(state, mine.clone(), None, block)
+    other, other_msg, _ = ar._prepare(state, theirs.clone(), None, block)
     nb = (msg.numel() - 1) // 2
     steps = common.block_steps(state, torch.maximum(msg, other_msg)[:nb], msg[nb : 2 * nb], world)
     bounds = [0, n]
-    q, _, _, _, (coded,) = ar._quantize_encode_cpu(state, v, steps, block, residual, bounds, -1)
+    q, _, _, (coded,) = ar._quantize_encode_cpu(state, v, steps, block, residual, bounds, -1)
     q = q.clone()
-    _, _, _, _, (coded_other,) = ar._quantize_encode_cpu(
+    _, _, _, (coded_other,) = ar._quantize_encode_cpu(
         GCTState(cfg), other, steps, block, torch.zeros(n), bounds, -1
     )
     buf = common.with_slack(coded_other.numel(), torch.device("cpu"))
     buf[: coded_other.numel()] = coded_other
     out = torch.empty(n)
 
-    # Every timed call reads the same inputs and overwrites the same outputs (the residual
-    # buffer, ``out``), so no copies are timed.
+    # Every timed call reads the same gradient and overwrites the same outputs (``out``; the
+    # quantize pass writes the new residual over the one it adds, as in training), so no
+    # copies are timed.
     x, zeros = mine.clone(), torch.zeros(n)
 
     def unfused_encode() -> None:  # the same quantization kernel, then the codec's encoder
@@ -115,7 +116,7 @@ def main() -> None:
 
     rows = {
         "residual add + block statistics": cpu_ms(
-            lambda: ar._prepare(x, zeros, block), args.repeats
+            lambda: ar._prepare(state, x, zeros, block), args.repeats
         ),
         "quantize, then eg_encode (unfused)": cpu_ms(unfused_encode, args.repeats),
         "quantize-and-encode (fused)": cpu_ms(
@@ -124,7 +125,7 @@ def main() -> None:
         ),
         "eg_decode, add, dequantize (unfused)": cpu_ms(unfused_decode, args.repeats),
         "decode-into-result (fused)": cpu_ms(
-            lambda: ar._decode_add_cpu(
+            lambda: common.decode_add_cpu(
                 buf, 0, coded_other.numel(), q, (steps, block, world, True, out)
             ),
             args.repeats,

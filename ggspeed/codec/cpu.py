@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import njit, prange
-from numba.cpython.unsafe.numbers import leading_zeros
+from numba.cpython.unsafe.numbers import leading_zeros, trailing_zeros
 
 # Largest |q| the format supports: u = zigzag(q) <= 2^31 - 2, so every code fits in 63 bits.
 MAX_ABS = (1 << 30) - 1
@@ -42,6 +42,7 @@ _HO = 34  # histogram columns: leading-ones count, 0..33
 _SMALL = 4096  # values below this are counted in a direct histogram first
 _U_SMALL = np.uint64(_SMALL)
 
+U64_0 = np.uint64(0)
 U64_1 = np.uint64(1)
 # uint64 copies: numba compares uint64 with int64 through float64, so keep comparisons unsigned.
 U_MAX_U = np.uint64(MAX_U)
@@ -281,6 +282,87 @@ def _code(u, k):
     return val, np.uint64(2 * _bitlen(val)) - k - U64_1
 
 
+@njit(inline="always")
+def _nz_words(q, lo, n, nzw, bgw):
+    """Bit b of word w of nzw / bgw: q[lo + 64 w + b] != 0 / |q[lo + 64 w + b]| >= 2.
+
+    A bitmap pass vectorizes (LLVM packs 4 compares per instruction), and walking its set bits
+    costs per nonzero, not per element: most elements are zeros.
+    """
+    un = np.uint64(n)
+    nw = un >> np.uint64(6)
+    ulo = np.uint64(lo)
+    for w in range(nw):
+        base = ulo + (w << np.uint64(6))
+        m1 = np.uint64(0)
+        m2 = np.uint64(0)
+        for b in range(np.uint64(64)):
+            a = q[base + b]
+            m1 |= np.uint64(a != 0) << b
+            m2 |= np.uint64((a > 1) | (a < -1)) << b
+        nzw[w] = m1
+        bgw[w] = m2
+    m1 = np.uint64(0)
+    m2 = np.uint64(0)
+    base = ulo + (nw << np.uint64(6))
+    for b in range(un - (nw << np.uint64(6))):
+        a = q[base + b]
+        m1 |= np.uint64(a != 0) << b
+        m2 |= np.uint64((a > 1) | (a < -1)) << b
+    nzw[nw] = m1
+    bgw[nw] = m2
+
+
+@njit(inline="always")
+def _run_items(q, lo, pos, nnz, cc, kr, kv, it, split):
+    """The codes of the nonzeros as (value, length) pairs in it, for the bit writer.
+
+    One pair per nonzero, its run, sign, count and value codes joined (they nearly always fit
+    in 63 bits: the returned OR of the lengths says whether they all did), or with split three
+    (run and sign, count, value; unused ones of length 0). No branch depends on the data: a
+    value's code is computed for every nonzero and masked off for |q| == 1, and the count code
+    comes from cc[0] (empty) unless the previous nonzero ended a group. Returns (pairs * 2,
+    position after the last nonzero, OR of the lengths).
+    """
+    ulo = np.uint64(lo)
+    cr = U64_1 << kr
+    nxt = np.uint64(0) - cr  # (position after the previous nonzero) - 2^kr
+    g = U64_1  # cc index of the next group's count
+    need = U64_1  # 1 if a count goes with this nonzero
+    lens = np.uint64(0)
+    for j in range(nnz):
+        x = np.uint64(pos[j])
+        a = np.int64(q[ulo + x])
+        vr = x - nxt  # run + 2^kr
+        nxt = x + U64_1 - cr
+        lr = np.uint64(2 * _bitlen(vr)) - kr  # run code and sign bit
+        vr = (vr << U64_1) | np.uint64(a < 0)
+        c = cc[g & (U64_1 + ~need)]  # a load from a select: LLVM keeps it branch-free
+        g += need
+        cv = c >> np.uint64(6)
+        cl = c & np.uint64(63)
+        m = abs(a)
+        need = np.uint64(m > 1)
+        bm = U64_1 + ~need  # all ones for |q| >= 2
+        vv, lv = _code(np.uint64(m - 2), kv)
+        vv &= bm
+        lv &= bm
+        if split:
+            k = np.uint64(6) * j
+            it[k] = vr
+            it[k + U64_1] = lr
+            it[k + np.uint64(2)] = cv
+            it[k + np.uint64(3)] = cl
+            it[k + np.uint64(4)] = vv
+            it[k + np.uint64(5)] = lv
+        else:
+            t = lr + cl + lv
+            lens |= t
+            it[j + j] = (((vr << cl) | cv) << lv) | vv
+            it[j + j + U64_1] = t
+    return nnz * np.uint64(6 if split else 2), nxt + cr, lens
+
+
 @njit(cache=True, nogil=True)
 def _encode_chunk(q, lo, hi, runs, k0, k1, k2, out, p):
     """Write one chunk's codes from byte p; only whole words inside the chunk are stored early.
@@ -300,44 +382,60 @@ def _encode_chunk(q, lo, hi, runs, k0, k1, k2, out, p):
             val, ln = _code(_zigzag(q[i]), kk)
             p, acc, nacc = _put(out, p, acc, nacc, val, ln)
     else:
+        # Passes with short dependency chains and no data-dependent branches (a bit writer
+        # fed straight from the nonzeros runs ~2x slower, bound by register spills and
+        # mispredicted |q| == 1 / |q| >= 2 branches): bitmaps, positions, count codes, the
+        # codes of each nonzero, then a tight bit-writer loop.
         kr = np.uint64(k0)
         kb = np.uint64(k1)
         kv = np.uint64(k2)
-        # Positions of the nonzeros first, without a branch (zeros are most elements and come
-        # in no predictable pattern), then codes for the nonzeros only.
-        nz = np.empty(hi - lo, np.int32)
-        cnt = 0
-        for i in range(lo, hi):
-            nz[cnt] = i
-            cnt += q[i] != 0
-        prev = lo - 1
-        need_count = True
-        for j in range(cnt):
-            i = np.int64(nz[j])
-            a = np.int64(q[i])
-            # One nonzero's codes are joined into one word while they fit in 63 bits (nearly
-            # always), so the bit writer runs once per nonzero. Run then sign first.
-            val, ln = _code(np.uint64(i - prev - 1), kr)  # a run < 2^23 codes to <= 47 bits
-            val = (val << U64_1) | np.uint64(a < 0)
-            ln += U64_1
-            prev = i
-            m = abs(a)
-            if need_count:
-                # How many |q| == 1 nonzeros come before the next |q| >= 2 (or the chunk's end).
-                t = j
-                while t < cnt and abs(np.int64(q[nz[t]])) == 1:
-                    t += 1
-                cv, cl = _code(np.uint64(t - j), kb)
-                p, acc, nacc, val, ln = _join(out, p, acc, nacc, val, ln, cv, cl)
-                need_count = False
-            if m > 1:
-                cv, cl = _code(np.uint64(m - 2), kv)
-                p, acc, nacc, val, ln = _join(out, p, acc, nacc, val, ln, cv, cl)
-                need_count = True
-            p, acc, nacc = _put(out, p, acc, nacc, val, ln)
-        if hi - prev - 1 > 0:  # trailing zeros: a run with nothing after it (size is known)
-            val, ln = _code(np.uint64(hi - prev - 1), kr)
-            p, acc, nacc = _put(out, p, acc, nacc, val, ln)
+        n = hi - lo
+        nw = (n >> 6) + 1
+        nzw = np.empty(nw, np.uint64)
+        bgw = np.empty(nw, np.uint64)
+        _nz_words(q, lo, n, nzw, bgw)
+        # Positions of the nonzeros, and the index (among them) of each |q| >= 2 one.
+        pos = np.empty(n + 1, np.uint32)
+        ends = np.empty(n + 1, np.uint32)
+        nnz = np.uint64(0)
+        nb = np.uint64(0)
+        for w in range(np.uint64(nw)):
+            bits = nzw[w]
+            big = bgw[w]
+            base = w << np.uint64(6)
+            while bits:
+                tz = trailing_zeros(bits)
+                bits &= bits - U64_1
+                pos[nnz] = base + tz
+                ends[nb] = nnz
+                nb += (big >> tz) & U64_1
+                nnz += U64_1
+        ends[nb] = nnz  # the last group ends at the chunk's end
+        # Count code of each group (|q| == 1 nonzeros before its |q| >= 2 one), as
+        # value << 6 | length; cc[0] is an empty code.
+        cc = np.empty(nb + 2, np.uint64)
+        cc[0] = 0
+        start = np.uint64(0)
+        for g in range(nb + U64_1):
+            e = np.uint64(ends[g])
+            val, ln = _code(e - start, kb)
+            cc[g + U64_1] = (val << np.uint64(6)) | ln
+            start = e + U64_1
+        it = np.empty(2 * nnz + 2, np.uint64)
+        if kr == U64_0 and kv == U64_0:  # the usual orders, as constants: fewer instructions
+            k, nxt, lens = _run_items(q, lo, pos, nnz, cc, U64_0, U64_0, it, False)
+        else:
+            k, nxt, lens = _run_items(q, lo, pos, nnz, cc, kr, kv, it, False)
+        if lens > np.uint64(63):  # some nonzero's codes do not fit in one word: split them
+            it = np.empty(6 * nnz + 2, np.uint64)
+            k, nxt, lens = _run_items(q, lo, pos, nnz, cc, kr, kv, it, True)
+        if nxt < np.uint64(n):  # trailing zeros: a run with nothing after it (size is known)
+            it[k], it[k + U64_1] = _code(np.uint64(n) - nxt, kr)
+            k += np.uint64(2)
+        for j in range(0, k, np.uint64(2)):
+            ln = it[j + U64_1]
+            if ln:
+                p, acc, nacc = _put(out, p, acc, nacc, it[j], ln)
     nbits = np.int64(p - p0) * 8 + np.int64(nacc)
     # Last partial word: only its used bytes (the next chunk starts at the following byte).
     sh = np.int64(56)

@@ -36,6 +36,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .cpu import MAX_K
@@ -93,30 +94,11 @@ class EGStream:
         return self.data.device
 
     def _header(self, crc: int, with_crc: bool) -> bytes:
-        auto = self.k == "auto"
-        flags = (F_RUNS if self.runs else 0) | (F_AUTO if auto else 0) | (F_CRC if with_crc else 0)
-        if auto:
-            ks = (0, 0, 0)
-        elif isinstance(self.k, tuple):
-            ks = tuple(int(v) for v in self.k)
-        else:
-            ks = (int(self.k), 0, 0)
-        return HEADER.pack(
-            MAGIC,
-            VERSION,
-            flags,
-            ks[0],
-            0,
-            self.numel,
-            self.chunk_size,
-            self.nchunks,
-            self.nbits,
-            int(self.data.numel()),
-            crc,
-            ks[1],
-            ks[2],
-            0,
-        )
+        fields = _header_fields(
+            self.numel, self.k, self.runs, self.chunk_size, self.nchunks, self.nbits,
+            int(self.data.numel()), crc, with_crc,
+        )  # fmt: skip
+        return HEADER.pack(*fields)
 
     def to_tensor(self, checksum: bool | None = None) -> torch.Tensor:
         """The whole stream (header, tables, payload) as one uint8 tensor on the stream's device.
@@ -150,9 +132,12 @@ class EGStream:
         n = int(buf.numel())
         if n < HEADER_SIZE:
             raise ValueError(f"EG stream truncated: {n} bytes, the header alone is {HEADER_SIZE}")
-        head = buf[:HEADER_SIZE].cpu().numpy().tobytes()
+        # CPU buffers are read through numpy: a received stream is parsed on every call of the
+        # compressed all-reduce, and torch ops on tiny tensors cost ~5 us each.
+        host = buf.numpy() if buf.device.type == "cpu" else None
+        head = host[:HEADER_SIZE] if host is not None else buf[:HEADER_SIZE].cpu().numpy()
         (magic, version, flags, k0, _, numel, chunk, nchunks, nbits, nload, crc, kb, kv, _) = (
-            HEADER.unpack(head)
+            HEADER.unpack_from(head)
         )
         if magic != MAGIC:
             raise ValueError(f"not an EG stream: magic {magic!r}, expected {MAGIC!r}")
@@ -176,7 +161,10 @@ class EGStream:
         elif runs:
             k = (k0, kb, kv)
         o = HEADER_SIZE
-        bits = buf[o : o + 4 * nchunks].clone().view(torch.int32).to(torch.int64)  # aligned copy
+        if host is not None:
+            bits = torch.from_numpy(host[o : o + 4 * nchunks].view("<i4").astype(np.int64))
+        else:
+            bits = buf[o : o + 4 * nchunks].clone().view(torch.int32).to(torch.int64)  # aligned
         o += 4 * nchunks
         orders = buf[o : o + 3 * nchunks].reshape(nchunks, 3)
         o += 3 * nchunks
@@ -217,13 +205,14 @@ class EGStream:
             if self.nbits or self.data.numel():
                 raise ValueError("EG stream mismatch: empty tensor with a nonempty payload")
             return
-        bits = self.chunk_bits.cpu()
-        orders = self.orders.cpu().to(torch.int64)
-        sizes = torch.full((self.nchunks,), self.chunk_size, dtype=torch.int64)
+        # numpy, not torch: these tables are small and checked on every received stream
+        bits = self.chunk_bits.cpu().numpy().astype(np.int64, copy=False)
+        orders = self.orders.cpu().numpy()
+        sizes = np.full(self.nchunks, self.chunk_size, dtype=np.int64)
         sizes[-1] = self.numel - self.chunk_size * (self.nchunks - 1)
-        lo = torch.ones_like(sizes) if self.runs else sizes  # a zero run codes many elements
+        lo = 1 if self.runs else sizes  # a zero run codes many elements
         hi = sizes * (190 if self.runs else 63)  # runs: <= 3 codes of <= 63 bits + sign
-        if bool((bits < lo).any()) or bool((bits > hi).any()):
+        if (bits < lo).any() or (bits > hi).any():
             raise ValueError("EG stream mismatch: a chunk's bit count is impossible for its size")
         if int(bits.sum()) != self.nbits:
             raise ValueError(
@@ -234,10 +223,76 @@ class EGStream:
             raise ValueError(
                 f"EG stream mismatch: payload is {self.data.numel()} bytes, chunks need {nload}"
             )
-        if bool((orders > MAX_K).any()):
+        if (orders > MAX_K).any():
             raise ValueError(f"EG stream has an Exp-Golomb order above {MAX_K}")
-        if not self.runs and bool((orders[:, 1:] != 0).any()):
+        if not self.runs and (orders[:, 1:] != 0).any():
             raise ValueError("EG stream has run-mode orders in plain mode")
+
+
+def _header_fields(
+    numel: int,
+    k: int | str | tuple[int, int, int],
+    runs: bool,
+    chunk_size: int,
+    nchunks: int,
+    nbits: int,
+    nload: int,
+    crc: int,
+    with_crc: bool,
+) -> tuple:
+    auto = k == "auto"
+    flags = (F_RUNS if runs else 0) | (F_AUTO if auto else 0) | (F_CRC if with_crc else 0)
+    if auto:
+        ks = (0, 0, 0)
+    elif isinstance(k, tuple):
+        ks = tuple(int(v) for v in k)
+    else:
+        ks = (int(k), 0, 0)
+    return (MAGIC, VERSION, flags, ks[0], 0, numel, chunk_size, nchunks, nbits, nload, crc,
+            ks[1], ks[2], 0)  # fmt: skip
+
+
+def head_size(nchunks: int) -> int:
+    """Bytes before the payload: the header and the per-chunk tables."""
+    return HEADER_SIZE + 7 * nchunks
+
+
+def write_head(
+    buf: np.ndarray,
+    numel: int,
+    k: int | str | tuple[int, int, int],
+    runs: bool,
+    chunk_size: int,
+    chunk_bits: np.ndarray,
+    orders: np.ndarray,
+    nload: int,
+) -> int:
+    """Write a stream's header and tables (no checksum) at the start of ``buf`` (uint8); the
+    caller's payload of ``nload`` bytes goes right after them. The same bytes as
+    ``to_tensor(checksum=False)``, without building the stream first: a kernel can code straight
+    into a send buffer. Returns the stream's size."""
+    nch = chunk_bits.size
+    fields = _header_fields(numel, k, runs, chunk_size, nch, int(chunk_bits.sum()), nload, 0, False)
+    HEADER.pack_into(buf, 0, *fields)
+    o = HEADER_SIZE
+    buf[o : o + 4 * nch] = chunk_bits.astype("<i4").view(np.uint8)
+    o += 4 * nch
+    buf[o : o + 3 * nch] = orders.reshape(-1)
+    return o + 3 * nch + nload
+
+
+def stream_size(buf: np.ndarray) -> int:
+    """The size a stream's header says it has (header, tables, payload), read from the first
+    bytes of ``buf``; ValueError if they are not a stream header. The rest is checked by
+    ``EGStream.from_tensor``."""
+    if buf.size < HEADER_SIZE:
+        raise ValueError(
+            f"EG stream truncated: {buf.size} bytes, the header alone is {HEADER_SIZE}"
+        )
+    magic, _, _, _, _, _, _, nchunks, _, nload, *_ = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise ValueError(f"not an EG stream: magic {magic!r}, expected {MAGIC!r}")
+    return head_size(nchunks) + nload
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:

@@ -65,8 +65,9 @@ class GCTConfig(Section):
         "auto",
         description=(
             "How ranks exchange the coded levels: 'allgather' (every rank's stream to every "
-            "rank: fewest bytes and collectives for 2 ranks, received volume grows with the "
-            "world size), 'reduce_scatter' (coded chunks summed by their owners, then an "
+            "rank: fewest bytes for 2 ranks, received volume grows with the world size; CPU "
+            "buckets on gloo go point to point, with no collective after the step agreement), "
+            "'reduce_scatter' (coded chunks summed by their owners, then an "
             "all-gather of the coded sums: volume independent of the world size), 'auto' "
             "(allgather for 2 ranks, else reduce_scatter). Same result bit for bit with "
             "step_agreement 'collective'."
@@ -76,7 +77,8 @@ class GCTConfig(Section):
         "auto",
         description=(
             "How the ranks agree on each block's step: 'collective' = a small MAX all-reduce of "
-            "the block RMS before quantizing (integer sums); 'previous' = the largest RMS over "
+            "the block RMS before quantizing (integer sums; with the point-to-point all-gather, "
+            "one message to and from each peer); 'previous' = the largest RMS over "
             "ranks of the bucket's previous call, sent in the payload headers (no collective, "
             "one sync point fewer; needs exchange 'allgather'; a bucket's first call uses each "
             "rank's own RMS; trained worse in 2 of 3 seeds, see docs/gct.md); 'auto' = "

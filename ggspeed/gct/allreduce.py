@@ -29,19 +29,18 @@ import torch.distributed as dist
 
 from .. import codec
 from ..codec import cpu as codec_cpu
-from . import kernels
+from . import direct, kernels
 from .common import (
     EMPTY_F32,
     block_stats,
     block_steps,
     code_buffer,
     coded_tensor,
+    decode_add_cpu,
     decode_chunk,
     encode_chunk,
     gather_coded,
     quantize_torch,
-    received_stream,
-    square_sums,
     stream_orders,
     with_slack,
 )
@@ -55,28 +54,30 @@ _EXCHANGES = ("auto", "allgather", "reduce_scatter")
 
 def _quantize_encode_cpu(
     state: GCTState,
-    v: torch.Tensor,
+    x: torch.Tensor,
     steps: torch.Tensor,
     block: int,
     residual: torch.Tensor | None,
     bounds: list[int],
     skip: int,
 ):
-    """CPU: levels, residual and the coded segments ``bounds[r]:bounds[r + 1]`` in one pass.
+    """CPU: levels of v = x + residual, the new residual and the coded segments
+    ``bounds[r]:bounds[r + 1]``, in one pass.
 
-    Returns (q, err, sum err^2, sum v^2, coded): coded[r] is segment r's stream as
+    Returns (q, err, sum err^2, coded): coded[r] is segment r's stream as
     ``encode_chunk`` would make it from q (the same bytes; a test checks), None for ``skip``.
     """
     cfg = state.cfg
-    n = v.numel()
+    n = x.numel()
     ks, _ = stream_orders(state)
     q = state.workspace("levels", n, torch.int32)  # used up before this call returns
     err = _err_out(state, residual, n)
     chunk = codec.DEFAULT_CHUNK
     out = code_buffer(n, len(bounds) - 1)
     k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0  # RDOQ's rate model
-    seg_bytes, bits, orders, code = kernels.quantize_encode(
-        v.numpy(),
+    seg_bytes, bits, orders, code, err_sq = kernels.quantize_encode(
+        x.numpy(),
+        residual.numpy() if residual is not None else EMPTY_F32,
         steps.contiguous().numpy(),
         block,
         float(cfg.rdoq_mu),
@@ -87,6 +88,7 @@ def _quantize_encode_cpu(
         skip,
         chunk,
         np.asarray(ks, np.int64),
+        state.workspace("block", block, torch.float32).numpy(),
         q.numpy(),
         err.numpy(),
         out,
@@ -106,38 +108,7 @@ def _quantize_encode_cpu(
             coded_tensor(state, out, lo, hi, numel, bits[c : c + nch], orders[c : c + nch])
         )
         c += nch
-    return (q, err if cfg.error_feedback else None, *square_sums(v, err), coded)
-
-
-def _decode_add_cpu(
-    buf: torch.Tensor, offset: int, length: int, q: torch.Tensor, finish=None
-) -> None:
-    """q += the levels of the stream at ``buf[offset:offset + length]`` (CPU), which must be
-    followed by at least ``codec_cpu.PAD`` bytes of ``buf``; ValueError if it is malformed or
-    does not match q. ``finish = (steps, block, world, average, out)``: instead of storing the
-    sums in q, write them dequantized into ``out`` (float32), as ``_dequantize`` would."""
-    stream = received_stream(buf, offset, length, q.numel())
-    bits = stream.chunk_bits.numpy()
-    payload = offset + length - stream.data.numel()
-    data = buf.numpy()[payload : offset + length + codec_cpu.PAD]
-    steps, block, world, average, out = finish or (None, 1, 1, False, None)
-    code, c = kernels.decode_add(
-        data,
-        stream.chunk_size,
-        stream.runs,
-        bits,
-        stream.orders.contiguous().numpy(),
-        codec_cpu.chunk_starts(bits),
-        q.numpy(),
-        finish is not None,
-        steps.contiguous().numpy() if finish else EMPTY_F32,
-        block,
-        world,
-        average,
-        out.numpy() if finish else EMPTY_F32,
-    )
-    if code != 0:
-        raise ValueError(f"cannot decode a received stream: {codec_cpu.error_message(code, c)}")
+    return q, err if cfg.error_feedback else None, err_sq, coded
 
 
 def _chunk_bounds(n: int, world: int) -> list[int]:
@@ -148,37 +119,40 @@ def _chunk_bounds(n: int, world: int) -> list[int]:
     return bounds
 
 
-def _prepare(flat: torch.Tensor, residual: torch.Tensor | None, block: int):
-    """``v = flat + residual`` (float32) and the per-block message [rms, amax, non-finite flag].
+def _prepare(state: GCTState, flat: torch.Tensor, residual: torch.Tensor | None, block: int):
+    """What to quantize, the per-block message [rms, amax, non-finite flag] of v = flat +
+    residual, and the sum of v^2 (a statistic; None off the CPU, where the quantizer takes it).
 
-    On CPU one fused pass, in place when ``flat`` is float32 (it is overwritten with the result
-    at the end anyway); elsewhere torch ops.
+    On CPU one pass that does not store v: it returns ``flat`` as float32 (the quantize pass adds
+    the residual again); elsewhere v itself, from torch ops.
     """
     n = flat.numel()
     nb = -(-n // block)
     t = torch.empty(2 * nb + 1, dtype=torch.float32, device=flat.device)
     if flat.device.type == "cpu":
-        v = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
+        x = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
         res = residual.contiguous().numpy() if residual is not None else EMPTY_F32
         tn = t.numpy()
-        nonfinite = kernels.add_and_block_stats(
-            v.numpy(), res, block, v.numpy(), tn[:nb], tn[nb : 2 * nb]
-        )
+        vb = state.workspace("block", block, torch.float32).numpy()
+        v_sq = kernels.add_and_block_stats(x.numpy(), res, block, vb, tn[:nb], tn[nb : 2 * nb])
+        nonfinite = not np.isfinite(v_sq)
     else:
-        v = flat.to(torch.float32, copy=True)
+        x = flat.to(torch.float32, copy=True)
         if residual is not None:
-            v += residual
-        t[:nb], t[nb : 2 * nb], nonfinite = block_stats(v, block)
+            x += residual
+        t[:nb], t[nb : 2 * nb], nonfinite = block_stats(x, block)
+        v_sq = None
     if nonfinite:
         t.zero_()
     t[-1] = 1.0 if nonfinite else 0.0
-    return v, t
+    return x, t, v_sq
 
 
 def _err_out(state: GCTState, residual: torch.Tensor | None, n: int) -> torch.Tensor:
     """Where the CPU kernels write ``v - q * step``: over the old residual when it is a
-    contiguous float32 tensor (read already: v holds it), else a new buffer (it becomes the
-    residual), or a reused scratch buffer without error feedback."""
+    contiguous float32 tensor (the quantize pass reads each block of it before writing it),
+    else a new buffer (it becomes the residual), or a reused scratch buffer without error
+    feedback."""
     if residual is not None and residual.dtype == torch.float32 and residual.is_contiguous():
         return residual
     if state.cfg.error_feedback:
@@ -209,7 +183,7 @@ def _dequantize(
 def _add_decoded(buf: torch.Tensor, offset: int, length: int, q: torch.Tensor) -> None:
     """q += the levels coded at buf[offset:offset + length] (a buffer from ``with_slack``)."""
     if q.device.type == "cpu":
-        _decode_add_cpu(buf, offset, length, q)
+        decode_add_cpu(buf, offset, length, q)
     else:
         q += decode_chunk(buf[offset : offset + length])
 
@@ -305,61 +279,83 @@ def compressed_all_reduce(
             tensor.copy_(flat.view_as(tensor))
         return tensor
     t0 = time.perf_counter()
+    nb = -(-n // block)
+    # CPU buckets on gloo: point-to-point messages, no collectives (direct.py)
+    use_direct = allgather and direct.usable(group, flat)
+    posted = direct.post(state, n, block, 2 * nb + 1, group, me, world) if use_direct else None
     residual = state.residual(key, flat)
-    v, msg = _prepare(flat, residual, block)
-    nb = (msg.numel() - 1) // 2
+    # v = flat + residual: on CPU formed again by the quantize pass, elsewhere given
+    v, msg, sig_sq = _prepare(state, flat, residual, block)
 
     t1 = time.perf_counter()
-    dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=group)
+    if use_direct:
+        direct.max_over_ranks(msg, posted, group)
+        tiny_bytes = msg.numel() * 4 * (world - 1)
+    else:
+        dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=group)
+        tiny_bytes = msg.numel() * 4 * 2 * (world - 1) // world  # ring-equivalent
     t2 = time.perf_counter()
-    # ring-equivalent bytes of the small all-reduce of per-block numbers
-    tiny_bytes = msg.numel() * 4 * 2 * (world - 1) // world
     if msg[-1] > 0:
+        if use_direct:
+            direct.abandon(posted, group)
         tensor.fill_(float("nan"))
         state.record(calls=1, nonfinite_calls=1, comm_s=t2 - t1, bytes_sent=tiny_bytes)
         return tensor
 
     steps = block_steps(state, msg[:nb], msg[nb : 2 * nb], world)
-    # allgather: every rank's coded levels to every rank; reduce_scatter: coded chunk r to rank r
-    bounds = [0, n] if allgather else _chunk_bounds(n, world)
-    skip = -1 if allgather else me
-    if v.device.type == "cpu":
-        q, err, err_sq, sig_sq, payload = _quantize_encode_cpu(
-            state, v, steps, block, residual, bounds, skip
-        )
-    else:
-        q, err, err_sq, sig_sq = quantize_torch(state, v, steps, block)
-        payload = [
-            encode_chunk(q[bounds[r] : bounds[r + 1]], state) if r != skip else None
-            for r in range(len(bounds) - 1)
-        ]
-    if err is not None:
-        state.set_residual(key, err)
     out = None
-    if allgather:
-        t3 = time.perf_counter()
-        gathered, lens, width = gather_coded([payload[0]], group, world)
-        t4 = t5 = t6 = t7 = time.perf_counter()
-        peers = [r for r in range(world) if r != me]  # integer sums: the order does not matter
-        if q.device.type == "cpu":
-            # the last peer's decode writes the dequantized result (no pass over the sums)
-            out = flat if flat.dtype == torch.float32 else torch.empty(n, dtype=torch.float32)
-            for r in peers:
-                fin = (steps, block, world, average, out) if r == peers[-1] else None
-                _decode_add_cpu(gathered, r * width, lens[r], q, fin)
-        else:
-            for r in peers:
-                _add_decoded(gathered, r * width, lens[r], q)
-        sent = received = (world - 1) * width
-        small = tiny_bytes + 8 * (world - 1)  # the length exchange
+    if use_direct:
+        err = _err_out(state, residual, n)
+        out = flat if flat.dtype == torch.float32 else torch.empty(n, dtype=torch.float32)
+        res = direct.all_gather_sum(
+            state, v, residual, steps, msg[nb : 2 * nb], block, err, group, me, world, average,
+            out, posted,
+        )  # fmt: skip
+        if state.cfg.error_feedback:
+            state.set_residual(key, err)
+        err_sq, sent, received, small = res.err_sq, res.bytes_sent, res.bytes_received, tiny_bytes
+        t3 = t2 + res.encode_s
+        t4 = t5 = t6 = t7 = t3 + res.comm_s
     else:
-        payload[me] = torch.empty(0, dtype=torch.uint8, device=q.device)
-        t3, t4, t5, t6, t7, sent, received = _reduce_scatter_gather(
-            q, payload, state, group, world, me
-        )
-        small = tiny_bytes + 2 * 8 * (world - 1)  # the two length exchanges
-    if out is None:
-        out = _dequantize(q, steps, block, world, average, flat)
+        # allgather: every rank's coded levels to every rank; reduce_scatter: chunk r to rank r
+        bounds = [0, n] if allgather else _chunk_bounds(n, world)
+        skip = -1 if allgather else me
+        if v.device.type == "cpu":
+            q, err, err_sq, payload = _quantize_encode_cpu(
+                state, v, steps, block, residual, bounds, skip
+            )
+        else:
+            q, err, err_sq, sig_sq = quantize_torch(state, v, steps, block)
+            payload = [
+                encode_chunk(q[bounds[r] : bounds[r + 1]], state) if r != skip else None
+                for r in range(len(bounds) - 1)
+            ]
+        if err is not None:
+            state.set_residual(key, err)
+        if allgather:
+            t3 = time.perf_counter()
+            gathered, lens, width = gather_coded([payload[0]], group, world)
+            t4 = t5 = t6 = t7 = time.perf_counter()
+            peers = [r for r in range(world) if r != me]  # integer sums: any order
+            if q.device.type == "cpu":
+                # the last peer's decode writes the dequantized result (no pass over the sums)
+                out = flat if flat.dtype == torch.float32 else torch.empty(n, dtype=torch.float32)
+                for r in peers:
+                    fin = (steps, block, world, average, out) if r == peers[-1] else None
+                    decode_add_cpu(gathered, r * width, lens[r], q, fin)
+            else:
+                for r in peers:
+                    _add_decoded(gathered, r * width, lens[r], q)
+            sent = received = (world - 1) * width
+            small = tiny_bytes + 8 * (world - 1)  # the length exchange
+        else:
+            payload[me] = torch.empty(0, dtype=torch.uint8, device=q.device)
+            t3, t4, t5, t6, t7, sent, received = _reduce_scatter_gather(
+                q, payload, state, group, world, me
+            )
+            small = tiny_bytes + 2 * 8 * (world - 1)  # the two length exchanges
+        if out is None:
+            out = _dequantize(q, steps, block, world, average, flat)
     if out is not flat:
         flat.copy_(out)
     if not aliased:

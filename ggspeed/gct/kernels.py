@@ -22,6 +22,7 @@ from .rdoq import RUN_BITS
 __all__ = [
     "add_and_block_stats",
     "add_quantize_encode",
+    "block_steps",
     "decode_add",
     "decode_weighted_sum",
     "dequantize_into",
@@ -30,21 +31,27 @@ __all__ = [
 
 
 @numba.njit(cache=True, nogil=True)
-def add_and_block_stats(x, res, block, v, rms, amax):
-    """v = x + res (res may be empty, v may be x); per block RMS and max |v| of v (both from
-    ``_add_and_stats``). True if non-finite."""
+def add_and_block_stats(x, res, block, vb, rms, amax):
+    """Per block of v = x + res (res may be empty): RMS and max |v| (``_stats``). v goes through
+    the block-sized scratch ``vb`` only, never to memory: the quantize pass adds again, which is
+    cheaper than writing 5 MB and reading them back when the ranks share the memory bandwidth.
+    Returns the sum of v^2 (float64): inf or NaN iff v holds an inf or NaN (finite squares
+    cannot overflow float64)."""
     n = x.size
     has_res = res.size == n
-    nonfinite = False
+    total = 0.0
     mbits = np.zeros(1, np.int32)  # max |v| of a block, as bits, then as float32
     for b in range(rms.size):
         lo = b * block
         hi = min(lo + block, n)
-        ss, mbits[0] = _add_and_stats(x[lo:hi], res[lo:hi] if has_res else res, v[lo:hi])
-        nonfinite |= not np.isfinite(ss)  # an inf or NaN (finite squares cannot overflow)
+        if has_res:
+            ss, mbits[0] = _add_and_stats(x[lo:hi], res[lo:hi], vb)
+        else:
+            ss, mbits[0] = _stats(x[lo:hi])
+        total += ss
         rms[b] = np.float32(np.sqrt(ss / (hi - lo)))
         amax[b] = mbits.view(np.float32)[0]
-    return nonfinite
+    return total
 
 
 @numba.njit(cache=True, inline="always")
@@ -212,9 +219,12 @@ def dequantize_into(sums, steps, block, world, average, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def quantize_encode(v, steps, block, mu, k, runs, th, seg_lo, skip, chunk, ko, q, err, out):
+def quantize_encode(
+    x, res, steps, block, mu, k, runs, th, seg_lo, skip, chunk, ko, vb, q, err, out
+):
     """q = RDOQ (mu > 0) or round-half-even (mu = 0) of v / step, err = v - q * step, and the EG
-    coding of the levels, in one pass over memory.
+    coding of the levels, in one pass over memory; v = x + res (res may be empty; err may be
+    res: each block's v is formed in the scratch ``vb`` before its err is written).
 
     RDOQ picks floor or ceil of |v| / step, the lower of (|y| - level)^2 + mu * bits(level)
     (see rdoq.py), as a per-level threshold on the fraction (``th = rdoq_thresholds(...)``).
@@ -226,9 +236,10 @@ def quantize_encode(v, steps, block, mu, k, runs, th, seg_lo, skip, chunk, ko, q
     segment); segment ``skip`` (-1: none) is quantized but not coded. ``ko``: the orders
     (plain: k, 0, 0; runs: kr, kb, kv), -1 choosing the best for each chunk.
 
-    Returns (seg_bytes, chunk_bits, chunk_orders, err_code): the byte offset where
+    Returns (seg_bytes, chunk_bits, chunk_orders, err_code, sum of err^2): the byte offset where
     each segment's payload starts (and the end), and every coded chunk's bits and orders
-    (segments in order; chunk c of segment s covers seg_lo[s] + c * chunk ...).
+    (segments in order; chunk c of segment s covers seg_lo[s] + c * chunk ...); the sum of
+    squares (a statistic) is taken while err is in cache.
     """
     nseg = seg_lo.size - 1
     nchunks = 0
@@ -238,8 +249,10 @@ def quantize_encode(v, steps, block, mu, k, runs, th, seg_lo, skip, chunk, ko, q
     orders = np.zeros((nchunks, 3), np.uint8)
     seg_bytes = np.zeros(nseg + 1, np.int64)
     auto = ko[0] < 0 or ko[1] < 0 or ko[2] < 0
+    has_res = res.size == x.size
     p = np.uint64(0)
     c = 0
+    err_sq = 0.0
     for s in range(nseg):
         seg_bytes[s] = np.int64(p)
         for lo in range(seg_lo[s], seg_lo[s + 1], chunk):
@@ -248,16 +261,23 @@ def quantize_encode(v, steps, block, mu, k, runs, th, seg_lo, skip, chunk, ko, q
             while i < hi:  # the blocks (steps) overlapping this chunk
                 b = i // block
                 e = min(hi, (b + 1) * block)
-                _quantize_range(v[i:e], steps[b], th, mu, k, runs, q[i:e], err[i:e])
+                if has_res:
+                    vv = vb[: e - i]
+                    for j in range(e - i):
+                        vv[j] = x[i + j] + res[i + j]
+                    _quantize_range(vv, steps[b], th, mu, k, runs, q[i:e], err[i:e])
+                else:
+                    _quantize_range(x[i:e], steps[b], th, mu, k, runs, q[i:e], err[i:e])
                 i = e
+            err_sq += _sum_squares(err[lo:hi])
             if s == skip:
                 continue
             p, code = _code_chunk(q, lo, hi, runs, ko, auto, out, p, bits, orders, c)
             if code != 0:
-                return seg_bytes, bits, orders, code
+                return seg_bytes, bits, orders, code, err_sq
             c += 1
     seg_bytes[nseg] = np.int64(p)
-    return seg_bytes, bits[:c], orders[:c], 0
+    return seg_bytes, bits[:c], orders[:c], 0, err_sq
 
 
 @numba.njit(cache=True, inline="always")
@@ -283,54 +303,80 @@ def _code_chunk(q, lo, hi, runs, ko, auto, out, p, bits, orders, c):
 
 
 @numba.njit(cache=True, inline="always")
-def _block_step(rms, amax, relative, quant_step):
-    """A block's step from an RMS (this rank's own, or the basis all ranks share), as
-    ``common.block_steps`` computes it with torch ops for world 1 (float32 products)."""
+def _block_step(rms, amax, relative, quant_step, guard):
+    """A block's step from an RMS and max |v| (agreed, this rank's own, or the basis all ranks
+    share), as ``common.block_steps`` computes it with torch ops (float32 products);
+    ``guard`` = world / MAX_LEVEL keeps the integer sums of ``world`` ranks' levels in the
+    codec's range."""
     s = rms * quant_step if relative else quant_step
     if not s > 0:
         s = np.float32(1.0)  # an all-zero block: any step
-    s = max(s, amax * _LEVEL_GUARD)  # levels stay below MAX_LEVEL: the codec takes them
+    s = max(s, amax * guard)
     if not np.isfinite(s):
         s = np.float32(3e38)
     return s
 
 
+@numba.njit(cache=True, nogil=True)
+def block_steps(rms, amax, relative, quant_step, world, steps):
+    """steps[b] = ``_block_step`` of block b for the sums over ``world`` ranks (the CPU form of
+    ``common.block_steps``: the same float32 results; a test compares them)."""
+    qs = np.float32(quant_step)
+    guard = np.float32(world / MAX_LEVEL)  # a power of two over 2^29: exact in float32
+    for b in range(steps.size):
+        steps[b] = _block_step(rms[b], amax[b], relative, qs, guard)
+
+
 @numba.njit(cache=True, inline="always")
 def _add_and_stats(x, res, v):
-    """v = x + res (res may be empty), and (sum of v^2 in float64, the int32 bits of max |v|).
-
-    Written for speed in a latency-bound loop: the sum runs in four float64 accumulators
-    (one sequential sum waits ~4 cycles per element) and the maximum over the int32 bits of
-    |v| (ordered like the floats for non-negative values; NaN bits sort above inf, and the
-    caller sees NaN or inf in the sum anyway).
-    """
+    """v = x + res (res may be empty), and ``_stats`` of v."""
     n = x.size
     if res.size == n:
         for i in range(n):
             v[i] = x[i] + res[i]
     else:
         v[:n] = x
-    vb = v[:n].view(np.int32)
+    return _stats(v[:n])
+
+
+@numba.njit(cache=True, inline="always")
+def _stats(v):
+    """(sum of v^2 in float64, the int32 bits of max |v|).
+
+    Written for speed in a latency-bound loop: the sum in four float64 accumulators
+    (``_sum_squares``), the maximum over the int32 bits of |v| (ordered like the floats for
+    non-negative values; NaN bits sort above inf, and the caller sees NaN or inf in the sum
+    anyway).
+    """
+    vb = v.view(np.int32)
     mb = _I32(0)
-    for i in range(n):
+    for i in range(v.size):
         mb = max(mb, vb[i] & _I32(0x7FFFFFFF))
+    return _sum_squares(v), mb
+
+
+@numba.njit(cache=True, inline="always")
+def _sum_squares(a):
+    """Sum of a^2 in float64 over four accumulators (one sequential sum waits ~4 cycles per
+    element); float32 squares are exact in float64, so the result depends only on the order."""
+    n = a.size
     s0 = s1 = s2 = s3 = 0.0
     n4 = n - n % 4
     for i in range(0, n4, 4):
         t0, t1, t2, t3 = (
-            np.float64(v[i]),
-            np.float64(v[i + 1]),
-            np.float64(v[i + 2]),
-            np.float64(v[i + 3]),
+            np.float64(a[i]),
+            np.float64(a[i + 1]),
+            np.float64(a[i + 2]),
+            np.float64(a[i + 3]),
         )
         s0 += t0 * t0
         s1 += t1 * t1
         s2 += t2 * t2
         s3 += t3 * t3
     for i in range(n4, n):
-        t = np.float64(v[i])
+        t = np.float64(a[i])
         s0 += t * t
-    return (s0 + s1) + (s2 + s3), mb
+    return (s0 + s1) + (s2 + s3)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -362,7 +408,8 @@ def add_quantize_encode(
     levels are complete. One pass over memory: x and res are read once, err and q written
     once; nothing waits for other ranks.
 
-    Returns (non-finite, payload bytes, chunk bits, chunk orders, error code, sum of v^2). On a
+    Returns (non-finite, payload bytes, chunk bits, chunk orders, error code, sum of v^2, sum of
+    err^2). On a
     non-finite block it stops at once (the caller sends only the flag); ``err`` may then be
     partly written, which is why the caller never passes the live residual as ``err``.
     """
@@ -375,7 +422,7 @@ def add_quantize_encode(
     auto = ko[0] < 0 or ko[1] < 0 or ko[2] < 0
     qs = np.float32(quant_step)
     mbits = np.zeros(1, np.int32)  # max |v| of a block, as bits, then as float32
-    vsq = 0.0
+    vsq = esq = 0.0
     p = np.uint64(0)
     c = 0
     for b in range(steps.size):
@@ -385,21 +432,22 @@ def add_quantize_encode(
         ss, mbits[0] = _add_and_stats(x[lo:hi], res[lo:hi] if has_res else res, v)
         m = mbits.view(np.float32)[0]
         if not np.isfinite(ss):  # an inf or NaN (finite squares cannot overflow float64)
-            return True, 0, bits, orders, 0, vsq
+            return True, 0, bits, orders, 0, vsq, esq
         vsq += ss
         r = np.float32(np.sqrt(ss / (hi - lo)))  # float64 RMS rounded once, as torch does
         rms[b] = r
-        s = _block_step(basis[b] if has_basis else r, m, relative, qs)
+        s = _block_step(basis[b] if has_basis else r, m, relative, qs, _LEVEL_GUARD)
         steps[b] = s
         _quantize_range(v, s, th, mu, k, runs, q[lo:hi], err[lo:hi])
+        esq += _sum_squares(err[lo:hi])
         while c < nchunks and min(n, (c + 1) * chunk) <= hi:  # chunks whose levels are done
             clo = c * chunk
             chi = min(n, clo + chunk)
             p, code = _code_chunk(q, clo, chi, runs, ko, auto, out, p, bits, orders, c)
             if code != 0:
-                return False, np.int64(p), bits, orders, code, vsq
+                return False, np.int64(p), bits, orders, code, vsq, esq
             c += 1
-    return False, np.int64(p), bits, orders, 0, vsq
+    return False, np.int64(p), bits, orders, 0, vsq, esq
 
 
 @numba.njit(cache=True, nogil=True)

@@ -71,7 +71,7 @@ def _encode_cpu(state: GCTState, x: torch.Tensor, residual, key: str, block: int
     chunk = codec.DEFAULT_CHUNK
     out = code_buffer(n, 1)
     k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0  # RDOQ's rate model
-    nonfinite, nbytes, bits, orders, code, v_sq = kernels.add_quantize_encode(
+    nonfinite, nbytes, bits, orders, code, v_sq, err_sq = kernels.add_quantize_encode(
         x.numpy(),
         residual.contiguous().numpy() if residual is not None else EMPTY_F32,
         block,
@@ -96,7 +96,7 @@ def _encode_cpu(state: GCTState, x: torch.Tensor, residual, key: str, block: int
     if code != 0:
         raise ValueError(f"cannot encode the levels: {codec_cpu.error_message(code, -1)}")
     coded = coded_tensor(state, out, 0, nbytes, n, bits, orders)
-    return q, err, steps, rms, coded, float(torch.dot(err, err)), float(v_sq)
+    return q, err, steps, rms, coded, float(err_sq), float(v_sq)
 
 
 def _encode_torch(state: GCTState, flat: torch.Tensor, residual, block: int, basis=None):
