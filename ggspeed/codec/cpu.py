@@ -266,16 +266,6 @@ def _put(out, p, acc, nacc, val, ln):
 
 
 @njit(inline="always")
-def _join(out, p, acc, nacc, val, ln, cv, cl):
-    """Append code (cv, cl) to the pending word (val, ln), writing the pending word out first
-    if both would not fit in 63 bits; returns (p, acc, nacc, val, ln)."""
-    if ln + cl > np.uint64(63):
-        p, acc, nacc = _put(out, p, acc, nacc, val, ln)
-        return p, acc, nacc, cv, cl
-    return p, acc, nacc, (val << cl) | cv, ln + cl
-
-
-@njit(inline="always")
 def _code(u, k):
     """(u + 2^k, code length) of EG_k(u): the value is written in that many bits."""
     val = u + (U64_1 << k)

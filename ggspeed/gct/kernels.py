@@ -263,8 +263,7 @@ def quantize_encode(
                 e = min(hi, (b + 1) * block)
                 if has_res:
                     vv = vb[: e - i]
-                    for j in range(e - i):
-                        vv[j] = x[i + j] + res[i + j]
+                    _add_into(x[i:e], res[i:e], vv)
                     _quantize_range(vv, steps[b], th, mu, k, runs, q[i:e], err[i:e])
                 else:
                     _quantize_range(x[i:e], steps[b], th, mu, k, runs, q[i:e], err[i:e])
@@ -332,11 +331,17 @@ def _add_and_stats(x, res, v):
     """v = x + res (res may be empty), and ``_stats`` of v."""
     n = x.size
     if res.size == n:
-        for i in range(n):
-            v[i] = x[i] + res[i]
+        _add_into(x, res, v)
     else:
         v[:n] = x
     return _stats(v[:n])
+
+
+@numba.njit(cache=True, inline="always")
+def _add_into(x, res, v):
+    """v[i] = x[i] + res[i] (float32, as torch adds them), for the first x.size elements."""
+    for i in range(x.size):
+        v[i] = x[i] + res[i]
 
 
 @numba.njit(cache=True, inline="always")
