@@ -1,9 +1,9 @@
 """The activation rate term R(a) and the identity function that injects its gradient.
 
-R(a) = (1/N) sum_i (|a_i| + eps)^nu (method.md; nu = 1 with eps = 0 is L1). A penalty computed
-inside a reentrant checkpointed function runs under no_grad and silently gets no gradient
-(design.md), and adding ``lambda * R`` to the loss would need the activation kept alive until
-the loss is formed. Instead :class:`RateGrad` is the identity in forward and adds
+R(a) = (1/N) sum_i (|a_i| + eps)^nu (docs/method.md; nu = 1 with eps = 0 is L1). A penalty
+computed inside a reentrant checkpointed function runs under no_grad and silently gets no
+gradient, and adding ``lambda * R`` to the loss would need the activation kept alive until the
+loss is formed. Instead :class:`RateGrad` is the identity in forward and adds
 ``coef * dR/da`` to the incoming gradient in backward, so it can sit inside a checkpointed
 function (reentrant or not): the recomputation records it and its backward runs there.
 """
@@ -35,7 +35,7 @@ def _magnitude(x: torch.Tensor, shape: float, eps: float) -> torch.Tensor:
     """(|x| + eps)^(shape - 1) in one new tensor (in-place after the abs).
 
     As exp((shape - 1) * log(.)): torch's CPU pow with a fractional scalar exponent is not
-    vectorized and ran ~2x slower than log + exp here; 0 and inf map as pow maps them.
+    vectorized, log and exp are (docs/benchmarks.md); 0 and inf map as pow maps them.
     """
     t = x.abs()
     if eps:

@@ -96,8 +96,8 @@ def init_parallel(
     from megatron.core import parallel_state as ps
 
     if not torch.cuda.is_available():
-        # On CPU the launcher's LOCAL_SIZE makes init_distributed allocate a /dev/shm all-reduce
-        # buffer that is never freed (see design.md); gloo does not need it.
+        # On CPU the launcher's LOCAL_SIZE makes init_distributed allocate DeepSpeed's /dev/shm
+        # all-reduce buffer, which is never freed after the run; gloo does not need it.
         os.environ.pop("LOCAL_SIZE", None)
     if torch.cuda.is_available():  # megatron's GPU init allocates on the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
