@@ -1,8 +1,8 @@
 """How many threads the codec's numba kernels use in this process: its share of the CPUs.
 
 numba starts one thread per CPU in *every* process. With several ranks per machine the codec's
-chunk-parallel kernels (GCT buckets, large ACT checkpoints) then oversubscribe the cores and slow
-everything else down (measured: 4 ranks on 2 cores trained 4.6x slower, docs/training.md).
+chunk-parallel kernels (GCT buckets, large ACT checkpoints) then oversubscribe the cores, and the
+spinning threads slow everything else down (docs/benchmarks.md, Trainer).
 ``ggspeed.initialize`` applies the share; an explicit ``NUMBA_NUM_THREADS`` always wins.
 """
 

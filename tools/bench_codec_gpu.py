@@ -4,8 +4,8 @@
     python tools/bench_codec_gpu.py --n 67108864 --out DIR   # also DIR/bench_codec_gpu.json
 
 Data: generalized-Gaussian samples of shapes 0.5, 1, 2 quantized to ~4 bits/element of entropy
-(plain mode, k="auto": the issue's operating point), shape 1 at 2 and 8 bits, and the zero-run
-mode at 0.5 bit. Throughput is GB/s of fp32-equivalent input (4 bytes per element): encode
+(plain mode, k="auto": the operating point of the GPU speed target), shape 1 at 2 and 8 bits,
+and the zero-run mode at 0.5 bit. Throughput is GB/s of fp32-equivalent input (4 bytes per element): encode
 (``eg_encode``, including its host sync for the stream's size), decode (``eg_decode``,
 validate=False: the kernel, not the header checks) and ``eg_code_length``; beside them a
 device-to-device copy (``clone``) of the fp32 input, timed in the same run. Medians of

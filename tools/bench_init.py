@@ -56,7 +56,7 @@ def bench_speed(small: bool, repeats: int, threads: int, shape: float) -> dict[s
     n = sum(t.numel() for t in tensors)
     gen = torch.Generator().manual_seed(0)
     init = GGInitMethod(shape, 0.02, generator=gen)
-    gg._quantile_table(shape)  # table build is a one-off per shape (~10 ms); not per tensor
+    gg._quantile_table(shape)  # the table is built once per shape: not part of a tensor's init
 
     def one_pass() -> tuple[float, float]:
         """normal_ then GG on each tensor in turn: load changes on a shared machine hit both."""

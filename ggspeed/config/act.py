@@ -83,8 +83,8 @@ class ACTConfig(Section):
         gt=0.0,
         le=4.0,
         description="Quantization step relative to each stored tensor's RMS (step = rel_step * "
-        "RMS); also the step of the bits/element telemetry when compress is off. 0.5 held "
-        "3.5 bits/element within 1% of conventional loss in tools/bench_act.py.",
+        "RMS); also the step of the bits/element telemetry when compress is off. Scale-free: "
+        "the stored bits then depend on the activations' shape only.",
     )
     bits_target: float | None = Field(
         None,
