@@ -642,6 +642,7 @@ def parent(args: argparse.Namespace) -> int:
     counts: Counter = Counter()
     by_kind: Counter = Counter()
     t0 = time.time()
+    args.commit = _git_commit()  # the code that runs, before anything else is committed
     i, stop = args.start, args.start + args.inputs
     while i < stop:
         n = min(args.batch, stop - i)
@@ -681,7 +682,7 @@ def _summary(args, t0: float, done_to: int, counts: Counter, by_kind: Counter) -
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {_cpu_model()}",
-        "commit": _git_commit(),
+        "commit": args.commit,
         "command": " ".join(["python", "tools/fuzz_codec.py", *sys.argv[1:]]),
         "inputs": done_to - args.start,
         "exhaustive_inputs": sum(v for k, v in by_kind.items() if k.startswith("every_")),
