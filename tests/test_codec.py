@@ -24,6 +24,7 @@ from ggspeed.codec import (
     quantize,
 )
 from ggspeed.codec import cpu as cpu_kernels
+from ggspeed.codec import stream as codec_stream
 
 MODES = [
     (0, False),
@@ -348,3 +349,109 @@ def test_decode_without_validation():
     s = eg_encode(q, 0, chunk_size=1024)
     with pytest.raises(ValueError, match="payload"):
         eg_decode(EGStream(**{**s.__dict__, "data": s.data[:-1]}), validate=False)
+
+
+def _zero_run_stream(chunk_log2: int, nchunks: int, crc: bool = True) -> bytes:
+    """A valid run-mode stream of ``nchunks`` all-zero chunks of 2^chunk_log2 elements, each coded
+    as one zero run with order kr = chunk_log2 (26 bits: a 0, then 1 and chunk_log2 + 1 zeros):
+    11 bytes per chunk for 2^chunk_log2 elements, written by hand (the encoder would need the
+    whole tensor in memory)."""
+    from ggspeed.codec.stream import write_head
+
+    chunk = 1 << chunk_log2
+    bits = np.full(nchunks, chunk_log2 + 3, np.int64)
+    orders = np.zeros((nchunks, 3), np.uint8)
+    orders[:, 0] = chunk_log2
+    code = int("01" + "0" * (chunk_log2 + 1), 2) << (8 * 4 - (chunk_log2 + 3))
+    payload = np.tile(np.frombuffer(code.to_bytes(4, "big"), np.uint8)[: -(-bits[0] // 8)], nchunks)
+    buf = np.zeros(48 + 7 * nchunks + payload.size, np.uint8)
+    size = write_head(
+        buf, chunk * nchunks, (chunk_log2, 0, 0), True, chunk, bits, orders, payload.size
+    )
+    buf[size - payload.size :] = payload
+    if crc:
+        buf[5] |= 4  # the checksum flag
+    b = bytearray(buf.tobytes())
+    return _with_crc(b) if crc else bytes(b)
+
+
+def test_decode_bound_refuses_tiny_streams_of_huge_tensors():
+    """No stream makes the decoder allocate more than its byte length allows: 136 bytes coding
+    2^26 elements (256 MiB) and 11 KB coding 2^33 (32 GiB, MemoryError before the bound) are
+    refused with ValueError before any allocation, unless the caller expects that size."""
+    b = _zero_run_stream(23, 8)
+    assert len(b) == 136
+    s = EGStream.from_bytes(b)
+    assert s.numel == 1 << 26
+    with pytest.raises(ValueError, match="bound"):
+        eg_decode(s)
+    with pytest.raises(ValueError, match="bound"):
+        eg_decode(s, validate=False)
+    with pytest.raises(ValueError, match="expected 1000"):
+        eg_decode(s, expected=1000)
+    with pytest.raises(ValueError, match="max_elements"):
+        eg_decode(s, max_elements=(1 << 26) - 1)
+    big = EGStream.from_bytes(_zero_run_stream(23, 1024))
+    assert big.nbytes < 11_500 and big.numel == 1 << 33
+    for kwargs in ({}, {"validate": False}, {"backend": "triton"}, {"max_elements": 1 << 20}):
+        with pytest.raises(ValueError, match="bound"):
+            eg_decode(big, **kwargs)
+
+
+def test_decode_bound_accepts_expected_size():
+    """An all-zero chunk of 2^20 elements codes in 23 bits: a legitimate stream above the default
+    ratio, which decodes when the caller states its size."""
+    q = torch.zeros(1 << 20, dtype=torch.int32)
+    s = eg_encode(q, "auto", runs=True, chunk_size=1 << 20)
+    assert s.numel > codec_stream.MAX_ELEMENTS_PER_BYTE * s.nbytes
+    with pytest.raises(ValueError, match="bound"):
+        eg_decode(s)
+    assert torch.equal(eg_decode(s, expected=q.numel()), q)
+    assert torch.equal(eg_decode(s, max_elements=q.numel()), q)
+    back = EGStream.from_bytes(s.to_bytes())
+    assert torch.equal(eg_decode(back, expected=q.numel(), require_crc=True), q)
+    # streams at the default chunk size are never refused by the ratio, even all zeros
+    for n in (1, 16384, 5 * 16384 + 3):
+        z = torch.zeros(n, dtype=torch.int32)
+        assert torch.equal(eg_decode(eg_encode(z, "auto", runs=True)), z)
+    for bad in (-1, 1.5, True, "10"):
+        with pytest.raises(ValueError, match="expected"):
+            eg_decode(s, expected=bad)
+        with pytest.raises(ValueError, match="max_elements"):
+            eg_decode(s, max_elements=bad)
+
+
+def test_inconsistent_stream_refused_without_validation():
+    """validate=False still checks the O(1) facts that size the output: chunk count and size."""
+    s = eg_encode(torch.arange(100), 3, chunk_size=50)
+    with pytest.raises(ValueError, match="chunks"):
+        eg_decode(EGStream(**{**s.__dict__, "numel": 150}), validate=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        eg_decode(EGStream(**{**s.__dict__, "chunk_size": 0}), validate=False)
+
+
+def test_require_crc():
+    """Clearing the checksum flag (one bit) turns the CRC off: require_crc refuses such streams,
+    and with it every single-bit flip of a checksummed stream is refused."""
+    s = _good_stream()
+    b = s.to_bytes()
+    good = eg_decode(s)
+    assert torch.equal(eg_decode(EGStream.from_bytes(b, require_crc=True), require_crc=True), good)
+    off = bytearray(b)
+    off[5] &= ~4
+    off[-5] ^= 0x10  # and a flipped payload bit, which nothing checks now
+    EGStream.from_bytes(bytes(off))  # accepted without the requirement
+    with pytest.raises(ValueError, match="checksum"):
+        EGStream.from_bytes(bytes(off), require_crc=True)
+    with pytest.raises(ValueError, match="checksum"):
+        EGStream.from_tensor(torch.frombuffer(off, dtype=torch.uint8), require_crc=True)
+    with pytest.raises(ValueError, match="checksum"):
+        eg_decode(EGStream.from_bytes(bytes(off)), require_crc=True)
+    with pytest.raises(ValueError, match="checksum"):
+        eg_decode(s, require_crc=True)  # made in memory: no checksum was verified
+    small = eg_encode(torch.tensor([0, 3, -1, 0, 0, 7, 1, 0]), "auto", runs=True).to_bytes()
+    for i in range(8 * len(small)):
+        bad = bytearray(small)
+        bad[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(ValueError):
+            EGStream.from_bytes(bytes(bad), require_crc=True)

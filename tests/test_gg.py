@@ -178,3 +178,67 @@ def test_sampler_values_are_exact_quantiles(shape: float) -> None:
     exact = np.power(exact, 1.0 / shape)
     exact = np.where((r & 1) > 0, -exact, exact)
     np.testing.assert_allclose(x.double().numpy(), exact, rtol=2e-6)
+
+
+def test_moment_fit_solves_rho_to_machine_precision() -> None:
+    for shape in np.exp(np.linspace(math.log(gg.SHAPE_MIN), math.log(gg.SHAPE_MAX), 60)):
+        assert gg._shape_from_rho(gg.rho(shape)) == pytest.approx(shape, rel=1e-12)
+    assert gg._shape_from_rho(gg.rho(gg.SHAPE_MAX) * 0.999) == gg.SHAPE_MAX
+    assert gg._shape_from_rho(1.0) == gg.SHAPE_MAX
+
+
+@pytest.mark.parametrize("shape", [0.6, 1.5])
+def test_mle_at_least_as_likely_as_scipy_gennorm_fit(shape: float) -> None:
+    """The profile-likelihood MLE against scipy's generic two-parameter fit: same shape, and a
+    likelihood at least as high; nearby shapes (each at its best scale) are less likely."""
+    x = gg.sample(shape, 0.7, 20_000, generator=_gen(11)).double().numpy()
+    fitted, scale = gg.fit_shape(x, method="mle")
+    beta, loc, scale_sp = stats.gennorm.fit(x, floc=0)
+    assert loc == 0 and fitted == pytest.approx(beta, rel=1e-2)
+    nll = -stats.gennorm.logpdf(x, fitted, scale=scale).mean()
+    assert nll <= -stats.gennorm.logpdf(x, beta, scale=scale_sp).mean() + 1e-9
+    for other in (fitted * 0.99, fitted * 1.01):
+        best_scale = (other * np.mean(np.abs(x) ** other)) ** (1 / other)
+        assert -stats.gennorm.logpdf(x, other, scale=best_scale).mean() > nll
+
+
+def test_entropies_match_their_formulas() -> None:
+    """entropy and quantized_entropy (through scipy's gennorm) against the closed form and the
+    bin sum written out with the regularized incomplete gamma function."""
+    from scipy import special
+
+    for v in (0.05, 0.3, 1.0, 2.0, 3.7, 5.0):
+        for a in (1e-3, 0.02, 1.0, 50.0):
+            nats = 1 / v - math.log(v / (2 * a)) + math.lgamma(1 / v)
+            assert gg.entropy(v, a) == pytest.approx(nats / math.log(2), rel=1e-12, abs=1e-12)
+            for step in (0.01 * a, 0.3 * a, 2 * a):
+                kmax = math.ceil(a * special.gammainccinv(1 / v, 1e-16) ** (1 / v) / step) + 2
+                if kmax > 1 << 22:  # too many bins: the high-resolution limit
+                    want = nats / math.log(2) - math.log2(step)
+                    assert gg.quantized_entropy(v, a, step) == pytest.approx(want, rel=1e-12)
+                    continue
+                tail = special.gammaincc(1 / v, ((np.arange(kmax + 1) + 0.5) * step / a) ** v)
+                pk = 0.5 * (tail[:-1] - tail[1:])
+                pk = pk[pk > 0]
+                p0 = 1 - tail[0]
+                h = -2 * np.sum(pk * np.log2(pk)) - (p0 * math.log2(p0) if p0 > 0 else 0.0)
+                assert gg.quantized_entropy(v, a, step) == pytest.approx(h, rel=1e-12, abs=1e-12)
+
+
+def test_goodness_of_fit_ks_is_the_sup_distance() -> None:
+    """The KS statistics (scipy's kstest) equal sup |F_n - F| written out."""
+    x = gg.sample(0.8, 1.0, 30_000, generator=_gen(12)).double().numpy()
+    r = gg.goodness_of_fit(x)
+    xs = np.sort(x)
+    n = xs.size
+
+    def sup(cdf: np.ndarray) -> float:
+        return float(max((np.arange(1, n + 1) / n - cdf).max(), (cdf - np.arange(n) / n).max()))
+
+    cdf_gg = stats.gennorm.cdf(xs, r["gg"]["shape"], scale=r["gg"]["scale"])
+    cdf_gauss = stats.norm.cdf(xs, r["gaussian"]["mean"], r["gaussian"]["std"])
+    assert r["gg"]["ks"] == pytest.approx(sup(cdf_gg), abs=1e-12)
+    assert r["gaussian"]["ks"] == pytest.approx(sup(cdf_gauss), abs=1e-12)
+    assert r["gg"]["nll"] == pytest.approx(
+        -stats.gennorm.logpdf(x, r["gg"]["shape"], scale=r["gg"]["scale"]).mean(), rel=1e-12
+    )

@@ -118,18 +118,38 @@ def eg_encode(
 
 
 def eg_decode(
-    stream: EGStream, *, backend: Backend | None = None, validate: bool = True
+    stream: EGStream,
+    *,
+    backend: Backend | None = None,
+    validate: bool = True,
+    expected: int | None = None,
+    max_elements: int | None = None,
+    require_crc: bool = False,
 ) -> torch.Tensor:
     """The flat int32 tensor ``stream`` codes, on the stream's device; ValueError if corrupt.
 
+    Bounded: nothing is allocated for a stream that codes other than ``expected`` elements (when
+    given), more than ``max_elements`` (when given), or, with neither, more than
+    ``stream.MAX_ELEMENTS_PER_BYTE`` elements per byte of the stream: a few bytes cannot ask for
+    gigabytes. ``require_crc=True`` refuses a stream whose CRC-32 was not verified when it was
+    parsed (``from_bytes`` / ``from_tensor``; a stream made in memory has none).
+
     ``validate=False`` skips ``EGStream.validate()`` (the header/table consistency checks, a few
     small host-side reductions per call) for a stream this process made with ``eg_encode`` and
-    never exposed to outside bytes, e.g. an activation checkpoint held in memory. The kernels
-    still report malformed codes, and the numba path checks the payload size against the chunk
-    table; streams from ``from_bytes`` / ``from_tensor`` are validated there already.
+    never exposed to outside bytes, e.g. an activation checkpoint held in memory. The output
+    size is still checked (chunk size and count, the bound), the kernels still report malformed
+    codes, and the numba path checks the payload size against the chunk table; streams from
+    ``from_bytes`` / ``from_tensor`` are validated there already.
     """
     if not isinstance(stream, EGStream):
         raise ValueError(f"eg_decode expects an EGStream, got {type(stream).__name__}")
+    if require_crc and not stream.crc_checked:
+        raise ValueError(
+            "EG stream has no verified checksum (none in its bytes, or not parsed from bytes), "
+            "and require_crc=True asks for one"
+        )
+    stream.check_shape()
+    stream.check_bound(expected, max_elements)
     if validate:
         stream.validate()
     be = _backend(stream.data, backend)

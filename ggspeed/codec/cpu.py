@@ -687,6 +687,10 @@ def decode(
     parallel: bool | None = None,
 ) -> np.ndarray:
     """int32 array of numel values; ValueError naming the chunk on any inconsistency."""
+    if numel < 0 or chunk < 1 or -(-numel // chunk) != bits.shape[0]:
+        raise ValueError(
+            f"cannot decode: {bits.shape[0]} chunks cannot hold {numel} elements of {chunk}"
+        )
     starts = chunk_starts(bits)
     nload = int(((bits + 7) >> 3).sum())
     if data.shape[0] != nload:

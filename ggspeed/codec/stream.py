@@ -27,6 +27,14 @@ Byte layout of ``to_bytes()`` / ``to_tensor()`` (little-endian integers), versio
     16  u32 chunk_size                   payload (chunks back to back, byte aligned)
     20  u32 nchunks
     (k, kb, kv: the orders asked for; 0 with "auto")
+
+Decoding is bounded: the format lets a chunk of up to ``MAX_CHUNK`` zeros cost a few bytes, so a
+stream of n bytes could otherwise ask for an output of ~2^20 * n elements. ``eg_decode`` refuses
+a stream that codes more than ``MAX_ELEMENTS_PER_BYTE`` elements per byte of ``to_bytes()``
+unless the caller states the size it expects (``expected=``) or its own cap (``max_elements=``),
+which then bound the output instead.
+The checksum flag is one header bit: ``require_crc=True`` (``from_bytes`` / ``from_tensor`` /
+``eg_decode``) refuses a stream whose CRC-32 was not present and verified.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from __future__ import annotations
 import struct
 import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,6 +55,10 @@ HEADER = struct.Struct("<4sBBBBQIIQQIBBH")
 HEADER_SIZE = HEADER.size  # 48
 F_RUNS, F_AUTO, F_CRC = 1, 2, 4
 MAX_CHUNK = 1 << 23  # keeps every chunk's bit count below 2^31 (stored as u32, read as i32)
+MAX_ELEMENTS_PER_BYTE = 4096
+"""Default decoding bound: elements per byte of the whole stream (16 KiB of int32 output per
+byte). An all-zero chunk costs 7 table bytes and 3 payload bytes up to 2^15 elements, so every
+stream with ``chunk_size <= 32768`` (the default is 16384) is within it whatever its values."""
 
 assert HEADER_SIZE == 48
 assert sys.byteorder == "little", "ggspeed.codec's byte format assumes a little-endian host"
@@ -69,6 +81,8 @@ class EGStream:
     chunk_size: int
     chunk_bits: torch.Tensor
     orders: torch.Tensor
+    crc_checked: bool = field(default=False, compare=False)
+    """True when ``from_tensor`` / ``from_bytes`` verified the stream's CRC-32."""
 
     @property
     def nchunks(self) -> int:
@@ -125,8 +139,9 @@ class EGStream:
         return self.to_tensor(checksum=True).cpu().numpy().tobytes()
 
     @classmethod
-    def from_tensor(cls, buf: torch.Tensor) -> EGStream:
-        """Parse ``to_tensor()`` output (any device); ValueError if it is not a valid stream."""
+    def from_tensor(cls, buf: torch.Tensor, *, require_crc: bool = False) -> EGStream:
+        """Parse ``to_tensor()`` output (any device); ValueError if it is not a valid stream, or
+        with ``require_crc`` if it carries no checksum."""
         if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.dim() != 1:
             raise ValueError("EGStream.from_tensor: expected a 1-D uint8 tensor")
         n = int(buf.numel())
@@ -143,6 +158,10 @@ class EGStream:
             raise ValueError(f"not an EG stream: magic {magic!r}, expected {MAGIC!r}")
         if version != VERSION:
             raise ValueError(f"EG stream version {version} not supported (this reader: {VERSION})")
+        if require_crc and not flags & F_CRC:
+            raise ValueError(
+                "EG stream carries no checksum (flag 4 clear), and require_crc=True asks for one"
+            )
         expected = HEADER_SIZE + 7 * nchunks + nload
         if n < expected:
             raise ValueError(f"EG stream truncated: {n} bytes, header says {expected}")
@@ -177,18 +196,23 @@ class EGStream:
             chunk_size=chunk,
             chunk_bits=bits,
             orders=orders,
+            crc_checked=bool(flags & F_CRC),
         )
         s.validate()
         return s
 
     @classmethod
-    def from_bytes(cls, b: bytes | bytearray | memoryview) -> EGStream:
+    def from_bytes(
+        cls, b: bytes | bytearray | memoryview, *, require_crc: bool = False
+    ) -> EGStream:
+        """Parse ``to_bytes()`` output; ValueError as ``from_tensor``."""
         if len(b) == 0:
             raise ValueError("EG stream truncated: 0 bytes")
-        return cls.from_tensor(torch.frombuffer(bytearray(b), dtype=torch.uint8))
+        buf = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+        return cls.from_tensor(buf, require_crc=require_crc)
 
-    def validate(self) -> None:
-        """Check that header, tables and payload agree; ValueError naming what does not."""
+    def check_shape(self) -> None:
+        """The O(1) checks that size the decoder's output: chunk size and chunk count."""
         if not 1 <= self.chunk_size <= MAX_CHUNK:
             raise ValueError(f"EG stream chunk_size {self.chunk_size} not in [1, {MAX_CHUNK}]")
         want = -(-self.numel // self.chunk_size)
@@ -197,6 +221,31 @@ class EGStream:
                 f"EG stream mismatch: {self.nchunks} chunks, but numel {self.numel} with "
                 f"chunk_size {self.chunk_size} needs {want}"
             )
+
+    def check_bound(self, expected: int | None = None, max_elements: int | None = None) -> None:
+        """ValueError unless decoding this stream is within bounds: ``numel == expected`` if
+        given, ``numel <= max_elements`` if given, and with neither at most
+        ``MAX_ELEMENTS_PER_BYTE`` elements per byte of the stream (see the module docstring)."""
+        expected = _count_arg("expected", expected)
+        max_elements = _count_arg("max_elements", max_elements)
+        if expected is not None and self.numel != expected:
+            raise ValueError(f"EG stream codes {self.numel} elements, expected {expected}")
+        if max_elements is not None and self.numel > max_elements:
+            raise ValueError(
+                f"EG stream codes {self.numel} elements, above the decoding bound "
+                f"max_elements={max_elements}"
+            )
+        limit = MAX_ELEMENTS_PER_BYTE * self.nbytes
+        if expected is None and max_elements is None and self.numel > limit:
+            raise ValueError(
+                f"EG stream codes {self.numel} elements in {self.nbytes} bytes, above the "
+                f"decoding bound of {limit} (MAX_ELEMENTS_PER_BYTE = {MAX_ELEMENTS_PER_BYTE} "
+                f"per byte); pass expected= or max_elements= to decode it"
+            )
+
+    def validate(self) -> None:
+        """Check that header, tables and payload agree; ValueError naming what does not."""
+        self.check_shape()
         if self.data.dtype != torch.uint8 or self.data.dim() != 1:
             raise ValueError("EG stream data must be a 1-D uint8 tensor")
         if tuple(self.orders.shape) != (self.nchunks, 3):
@@ -227,6 +276,14 @@ class EGStream:
             raise ValueError(f"EG stream has an Exp-Golomb order above {MAX_K}")
         if not self.runs and (orders[:, 1:] != 0).any():
             raise ValueError("EG stream has run-mode orders in plain mode")
+
+
+def _count_arg(name: str, v: int | None) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f"{name} must be None or an int >= 0, got {v!r}")
+    return int(v)
 
 
 def _header_fields(
