@@ -10,6 +10,10 @@ measured in this run; and the fused passes with and without the wire checksum (t
 sender seals each stream with and the receiver checks). Times are thread CPU time (what the
 pass costs, not waiting for a core on a shared machine), median over ``--repeats`` calls after
 a warm-up call.
+
+``--calls N`` adds whole calls on 2 gloo ranks (``tests/dist.py``'s harness; each rank reduces
+its own captured gradient, error feedback on): calls with and without the wire checksum
+interleaved, and the verdict's message exchange alone; wall-clock medians, the slower rank's.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--captured", default="build/bench_gct/captured.pt")
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--calls", type=int, default=0, help="whole 2-rank calls per setting (0: none)")
     args = p.parse_args()
     from ggspeed import codec
     from ggspeed.config import GCTConfig
@@ -155,6 +160,55 @@ def main() -> None:
         f"wire checksum (medians, with / without): encode side {crc_enc:.3f}x, decode side "
         f"{crc_dec:.3f}x, both passes {both / plain:.3f}x"
     )
+
+    if args.calls:
+        two_ranks(args.captured, args.calls)
+
+
+def _calls(captured: str, calls: int) -> dict[str, float]:
+    """On each rank: median wall ms of whole calls with and without the wire checksum
+    (interleaved, in the same order on both ranks) and of the verdict's exchange alone."""
+    import torch.distributed as dist
+
+    from ggspeed.config import GCTConfig
+    from ggspeed.gct import GCTState, common, compressed_all_reduce
+    from ggspeed.gct.exchange import choose
+
+    rank = dist.get_rank()
+    grad = load_gradients(Path(captured))[rank]
+    cfg = GCTConfig(enabled=True, quant_step=1.0, block_size=4096, rdoq_mu=0.1)
+    states = {"crc": GCTState(cfg), "no_crc": GCTState(cfg)}
+    times: dict[str, list[float]] = {"crc": [], "no_crc": [], "verdict": []}
+    ex = choose("allgather", None, grad, rank, dist.get_world_size())
+    for i in range(calls + 2):  # the first two are warm-up
+        order = ("crc", "no_crc") if i % 2 == 0 else ("no_crc", "crc")
+        for mode in order:
+            common.WIRE_CHECKSUM = mode == "crc"
+            x = grad.clone()
+            dist.barrier()
+            t = time.perf_counter()
+            compressed_all_reduce(x, states[mode], key="g")
+            if i >= 2:
+                times[mode].append(time.perf_counter() - t)
+        flags = torch.zeros(4, dtype=torch.int64)
+        dist.barrier()
+        t = time.perf_counter()
+        ex.agree_flags(flags)
+        if i >= 2:
+            times["verdict"].append(time.perf_counter() - t)
+    common.WIRE_CHECKSUM = True
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def two_ranks(captured: str, calls: int) -> None:
+    from tests.dist import run_ranks
+
+    res = run_ranks(_calls, 2, captured, calls)
+    slow = {k: max(r[k] for r in res) for k in res[0]}
+    print(f"2 ranks, {calls} calls each, wall ms (median, slower rank):")
+    for k, v in slow.items():
+        print(f"  {k:10s} {v:7.2f}")
+    print(f"whole call with / without the wire checksum: {slow['crc'] / slow['no_crc']:.3f}x")
 
 
 if __name__ == "__main__":

@@ -82,12 +82,12 @@ def compressed_all_reduce(
     n = flat.numel()
     block = min(state.cfg.block_size or n, n)
     nb = -(-n // block)
+    residual = state.residual(key, flat)  # before any message: it may refuse a restored one
     timings = Timings()
     ex.begin(state, n, block, 2 * nb + 1)
 
     # 1. Error feedback and statistics: v = flat + residual (on the CPU not stored: the quantize
     #    pass adds again), msg = [RMS per block, max |v| per block, non-finite flag].
-    residual = state.residual(key, flat)
     x, msg, sig_sq = add_and_block_stats(state, flat, residual, block)
     timings.lap("encode")
 
