@@ -435,12 +435,59 @@ def _wire_integrity() -> dict:
     return out
 
 
+def _torch_path() -> dict:
+    """The torch reference path (what CUDA tensors run) on CPU tensors against the fused CPU
+    kernels, through both collective exchanges, over 3 error-feedback calls: the same results and
+    residuals bit for bit, and a flipped bit refused on both ranks."""
+    import torch.distributed as dist
+
+    from ggspeed.config import GCTConfig
+    from ggspeed.gct import GCTState, WireError, common, compressed_all_reduce
+    from ggspeed.gct.exchange import Exchange
+
+    rank, n = dist.get_rank(), 50_000
+    out: dict = {}
+    settings = {
+        "rdoq_auto": {"rdoq_mu": 0.1, "eg_order": "auto"},
+        "plain_k2_absolute": {"zero_runs": False, "eg_order": 2, "step_mode": "absolute",
+                              "quant_step": 3e-4},
+    }  # fmt: skip
+    for name, kw in settings.items():
+        for exchange in ("allgather", "reduce_scatter"):
+            results = {}
+            for fused in (True, False):
+                common.FUSED_CPU = fused
+                state = GCTState(GCTConfig(enabled=True, exchange=exchange, **kw))
+                ys = [
+                    compressed_all_reduce(_grad_like(10 * t + rank, n) * (1 + t), state, key="g")
+                    for t in range(3)
+                ]
+                results[fused] = (ys, state.residuals["g"].clone())
+            (ya, ra), (yb, rb) = results[True], results[False]
+            out[f"{name}/{exchange}"] = all(
+                torch.equal(a, b) for a, b in zip(ya, yb, strict=True)
+            ) and torch.equal(ra, rb)
+    state = GCTState(GCTConfig(enabled=True, exchange="allgather"))
+    compressed_all_reduce(_grad_like(rank, n), state, key="g")
+    before = state.residuals["g"].clone()
+    Exchange.send_hook = _flip(-3, 2) if rank == 1 else None
+    try:
+        compressed_all_reduce(_grad_like(5 + rank, n), state, key="g")
+        out["wire"] = None
+    except WireError as e:
+        out["wire"] = (str(e), torch.equal(before, state.residuals["g"]))
+    Exchange.send_hook = None
+    common.FUSED_CPU = True
+    return out
+
+
 def _two_ranks() -> dict:
     return {
         "agree": _exchanges_agree(),
         "golden": _golden_hashes(),
         "direct": _direct_exchange(),
         "wire": _wire_integrity(),
+        "torch_path": _torch_path(),
     }
 
 
@@ -469,3 +516,9 @@ def test_exchanges_agree_bits_kept_and_corruption_refused() -> None:
             assert w["wire_errors"] == 1 and w["seconds"] < 30, (key, w)
         assert torch.equal(w0["next"], w1["next"]), f"{key}: the next call differs"
     print({k: round(max(w0["seconds"], w1["seconds"]), 4) for k, (w0, w1) in wire.items()})
+    for r in res:
+        torch_path = r["torch_path"]
+        wire_msg = torch_path.pop("wire")
+        assert len(torch_path) == 4 and all(torch_path.values()), torch_path
+        assert wire_msg is not None and wire_msg[1], wire_msg
+        assert "a corrupted stream from rank 1" in wire_msg[0], wire_msg

@@ -32,7 +32,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from .common import add_and_block_stats, block_steps
+from .common import add_and_block_stats, block_steps, fused
 from .exchange import EXCHANGES, Call, Timings, choose
 from .state import GCTState
 
@@ -103,7 +103,7 @@ def compressed_all_reduce(
 
     # 3-5. Quantize and code, exchange, decode and dequantize (the exchange orders them). The new
     #    residual goes to a second buffer, never over the live one: the call may still fail.
-    cpu = flat.device.type == "cpu"
+    cpu = fused(flat)  # the CPU kernels: new residual into a second buffer, result into out
     call = Call(
         state=state,
         x=x,

@@ -34,6 +34,12 @@ from .state import GCTState
 
 EMPTY_F32 = np.empty(0, dtype=np.float32)
 WIRE_CHECKSUM = True  # every stream on the wire carries, and every receiver requires, a CRC-32
+FUSED_CPU = True  # False: CPU tensors take the torch path too (tests run it without a GPU)
+
+
+def fused(t: torch.Tensor) -> bool:
+    """Whether ``t`` takes the fused CPU kernels (else the torch reference path)."""
+    return FUSED_CPU and t.device.type == "cpu"
 
 
 # ---- statistics (step 1) ---------------------------------------------------------------------
@@ -50,7 +56,7 @@ def add_and_block_stats(
     n = flat.numel()
     nb = -(-n // block)
     msg = torch.empty(2 * nb + 1, dtype=torch.float32, device=flat.device)
-    if flat.device.type == "cpu":
+    if fused(flat):
         x = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
         res = residual.contiguous().numpy() if residual is not None else EMPTY_F32
         m = msg.numpy()
@@ -99,7 +105,7 @@ def block_steps(state: GCTState, rms: torch.Tensor, amax: torch.Tensor, world: i
     alike after the agreement, so every rank derives the same steps; coarsened where the
     integer sums over ``world`` ranks could outgrow the codec. On the CPU one numba call
     instead of several torch ops on small tensors; the same float32 results."""
-    if rms.device.type != "cpu":
+    if not fused(rms):
         return block_steps_torch(state, rms, amax, world)
     steps = torch.empty_like(rms)
     kernels.block_steps(
@@ -168,7 +174,7 @@ def quantize_encode(
     On the CPU one fused pass writing the new residual into ``err`` (never the live residual:
     the call may still fail); elsewhere torch ops and the codec. Returns (q, new residual or
     None without error feedback, sum of err^2, sum of v^2 or None, coded)."""
-    if x.device.type != "cpu":
+    if not fused(x):
         q, new, err_sq, sig_sq = quantize_torch(state, x, steps, block)
         coded = [
             encode_levels(q[bounds[r] : bounds[r + 1]], state) if r != skip else None
@@ -271,7 +277,7 @@ def decode_add(buf: torch.Tensor, offset: int, length: int, q: torch.Tensor, fin
     stream = chunks.read_stream(
         buf[offset : offset + length], q.numel(), require_checksum=WIRE_CHECKSUM
     )
-    if q.device.type != "cpu":
+    if not fused(q):
         q += codec.eg_decode(stream, validate=False)
         if finish is not None:
             steps, block, world, average, out = finish
@@ -305,7 +311,7 @@ def dequantize(
 ) -> torch.Tensor:
     """The float32 result ``sums * step`` (/ world), identical on every rank; written into
     ``out`` when it is a float32 CPU tensor (saves a pass), else returned."""
-    if sums.device.type != "cpu":
+    if not fused(sums):
         return dequantize_torch(sums, steps, block, world, average)
     if out is None or out.dtype != torch.float32:
         out = torch.empty(sums.numel(), dtype=torch.float32)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from .common import decode_add, dequantize, encode_levels, quantize_encode, with_slack
+from .common import decode_add, dequantize, encode_levels, fused, quantize_encode, with_slack
 from .state import GCTState
 
 __all__ = ["AllGather", "Call", "Exchange", "ReduceScatter", "Timings", "choose"]
@@ -148,7 +148,7 @@ def choose(name: str, group: Any, flat: torch.Tensor, me: int, world: int) -> Ex
 
     if name == "reduce_scatter" or (name == "auto" and world != 2):
         return ReduceScatter(group, me, world)
-    if direct.usable(group, flat):
+    if fused(flat) and direct.usable(group, flat):
         return direct.Direct(group, me, world)
     return AllGather(group, me, world)
 
@@ -184,7 +184,7 @@ class AllGather(_Collectives):
         # 5. Decode every peer's stream and add its levels to ours (integer sums: any order);
         #    on the CPU the last decode writes the dequantized result (no pass over the sums).
         peers = [r for r in range(world) if r != me]
-        cpu = q.device.type == "cpu"
+        cpu = fused(q)
         for r in peers:
             fin = (call.steps, call.block, world, call.average, call.out)
             fin = fin if cpu and r == peers[-1] else None

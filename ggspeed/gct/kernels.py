@@ -32,7 +32,7 @@ __all__ = [
 def add_and_block_stats(x, res, block, vb, rms, amax):
     """Per block of v = x + res (res may be empty): RMS and max |v| (``_stats``). v goes through
     the block-sized scratch ``vb`` only, never to memory: the quantize pass adds again, which is
-    cheaper than writing 5 MB and reading them back when the ranks share the memory bandwidth.
+    cheaper than writing v and reading it back when the ranks share the memory bandwidth.
     Returns the sum of v^2 (float64): inf or NaN iff v holds an inf or NaN (finite squares
     cannot overflow float64)."""
     n = x.size
@@ -373,7 +373,7 @@ def _sum_squares(a):
 @numba.njit(cache=True, nogil=True)
 def decode_add(data, chunk, runs, bits, orders, starts, q, finish, steps, block, world, avg, out):
     """q += the levels coded in ``data`` (one stream's payload, followed by at least
-    ``codec.cpu.PAD`` readable bytes), decoded chunk by chunk into a cache-sized buffer, so the
+    ``codec.chunks.PAD`` readable bytes), decoded chunk by chunk into a cache-sized buffer, so the
     decoded tensor is never materialized. With ``finish`` the sum is not stored back: it goes
     straight to ``out`` dequantized, as ``dequantize_into`` computes it (one pass fewer).
     Returns (error code, chunk)."""
