@@ -418,3 +418,21 @@ def test_secant_matches_exact_hvp_direction() -> None:
         opt.step()
     assert len(cos) == 7 and min(cos) > 0.5 and sorted(cos)[3] > 0.9, cos
     assert state.scalars()["constraint_rel"] > 0
+
+
+def test_gct_uses_only_the_codecs_public_api() -> None:
+    """ggspeed.gct reaches the codec through ``ggspeed.codec`` and ``codec.chunks`` only, never
+    its private modules (cpu, api, stream, triton_kernels) or underscore names."""
+    import re
+    from pathlib import Path
+
+    import ggspeed.gct
+
+    private = re.compile(
+        r"from \.\.codec(\.\w+)? import .*\b(cpu|api|stream|triton_kernels|_\w+)\b"
+        r"|from \.\.codec\.(cpu|api|stream|triton_kernels) import"
+        r"|\b(codec|chunks)\._\w+"
+    )
+    for path in sorted(Path(ggspeed.gct.__file__).parent.glob("*.py")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            assert not private.search(line), f"{path.name}:{i}: {line.strip()}"
