@@ -12,9 +12,9 @@ Three parts, all on 2 data-parallel ranks over gloo:
    gradients in order with each method as a torch DDP comm hook on a stand-in module whose
    gradients *are* the captured ones: fp32 all-reduce, bf16 all-reduce, PowerSGD rank 4, EG
    coding (no RDOQ) and GCT (RDOQ; steps agreed by a MAX all-reduce). Reported: bits/element on
-   the wire (bytes counted at the collectives, ring-equivalent: fp32 = 32), the all-reduce time (the hook's call to its
-   future's completion) and the backward + all-reduce time (medians, the slower rank's), GCT's
-   per-call phases, and the relative error of the averaged gradient against the exact average.
+   the wire (bytes counted at the collectives, ring-equivalent: fp32 = 32), the all-reduce time
+   (the hook's call to its future's completion) and the backward + all-reduce time (medians,
+   the slower rank's), GCT's per-call phases, and the relative error of the averaged gradient against the exact average.
 3. e2e: the small GPT trained by 2 DDP ranks with fp32 all-reduce, PowerSGD rank 4, GCT, and
    GCT + gradient constraint, same data and seed: loss curves (PNG), final loss, average bits;
    step time on each link from short runs.

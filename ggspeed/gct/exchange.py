@@ -128,8 +128,8 @@ class Exchange(ABC):
 
     @abstractmethod
     def agree_flags(self, flags: torch.Tensor) -> int:
-        """``flags`` (int64, on the bucket's device) becomes the elementwise maximum over the ranks; returns the
-        bytes this rank sent."""
+        """Step 6: ``flags`` (int64, on the bucket's device) becomes the elementwise maximum
+        over the ranks. Returns the bytes this rank sent."""
 
     def outgoing(self, buf: torch.Tensor) -> torch.Tensor:
         """What to send for ``buf``: every outgoing buffer passes here right before it is handed

@@ -2,7 +2,8 @@
 
 Each torch op over a gradient bucket is a full memory pass plus an allocation, and the
 all-reduce needs about fifteen of them around the codec. These kernels do the work in three
-passes: (residual add + per-block statistics), (quantize + residual + EG coding, chunk by chunk), and
+passes: (residual add + per-block statistics), (quantize + residual + EG coding, chunk by
+chunk), and
 (decode each received chunk, add, dequantize into the output); ``dequantize_into`` serves the
 reduce-scatter exchange. float32 arithmetic matches the torch path's operation order, so the
 levels and the result are the same on every rank (every rank runs the same code on the same
@@ -168,7 +169,8 @@ def _quantize_range(vv, s, th, mu, k, runs, qq, ee):
     """qq = RDOQ (mu > 0) or round-half-even (mu = 0) of vv / s, ee = vv - qq * s (equal sizes).
 
     One loop without calls, branches, look-ups or 64-bit lanes, so LLVM vectorizes it 8 wide.
-    RDOQ rounds |y| = lev + f up iff f exceeds the level's threshold (``rdoq_thresholds``). Levels fit int32: the steps keep them below 2^29.
+    RDOQ rounds |y| = lev + f up iff f exceeds the level's threshold (``rdoq_thresholds``).
+    Levels fit int32: the steps keep them below 2^29.
     """
     if mu > 0:
         inv = np.float32(2.0**-k)
@@ -290,9 +292,9 @@ def _code_chunk(q, lo, hi, runs, ko, out, p, bits, orders, c):
 
 @numba.njit(cache=True, inline="always")
 def _block_step(rms, amax, relative, quant_step, guard):
-    """A block's step from the agreed RMS and max |v|, as ``common.block_steps`` computes it with torch ops (float32 products);
-    ``guard`` = world / MAX_LEVEL keeps the integer sums of ``world`` ranks' levels in the
-    codec's range."""
+    """A block's step from the agreed RMS and max |v|, as ``common.block_steps_torch``
+    computes it (float32 products); ``guard`` = world / MAX_LEVEL keeps the integer sums of
+    ``world`` ranks' levels in the codec's range."""
     s = rms * quant_step if relative else quant_step
     if not s > 0:
         s = np.float32(1.0)  # an all-zero block: any step
