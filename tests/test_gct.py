@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -26,8 +28,8 @@ from ggspeed.gct import (
 )
 def test_fused_quantize_matches_reference(k: int, runs: bool, mu: float) -> None:
     """The all-reduce's fused CPU pass gives quantize_rdoq's levels, the exact residual (in the
-    old residual's memory) and the statistics' sums."""
-    from ggspeed.gct import allreduce
+    buffer it is given, the live residual untouched) and the statistics' sums."""
+    from ggspeed.gct import common
 
     torch.manual_seed(k)
     n, block = 20011, 8192
@@ -36,63 +38,152 @@ def test_fused_quantize_matches_reference(k: int, runs: bool, mu: float) -> None
     steps = torch.tensor([0.7, 1.3, 2.0], dtype=torch.float32)
     state = GCTState(_gct(eg_order=k, zero_runs=runs, rdoq_mu=mu))
     residual = torch.zeros(n)
+    buf = torch.full((n,), 7.0)
     # segment 0 skipped: quantization only, as the unfused path would do it
-    q, err, esq, _ = allreduce._quantize_encode_cpu(state, v, steps, block, residual, [0, n], 0)
+    q, err, esq, _, _ = common.quantize_encode(state, v, residual, steps, block, buf, [0, n], 0)
     step = steps.repeat_interleave(block)[:n]
     ref = quantize_rdoq(v, step, mu, k, runs)
     assert torch.equal(q, ref)
     ref_err = v - ref.float() * step
-    assert err is residual and torch.equal(err, ref_err)
+    assert err is buf and torch.equal(err, ref_err), "the new residual, in the given buffer"
+    assert torch.equal(residual, torch.zeros(n)), "the live residual is not written"
     assert esq == pytest.approx(float(ref_err.double().square().sum()), rel=1e-6)
-    _, _, vsq = allreduce._prepare(state, v.clone(), None, block)  # the statistics pass takes it
+    _, _, vsq = common.add_and_block_stats(state, v.clone(), None, block)  # the statistics pass
     assert vsq == pytest.approx(float(v.double().square().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("block", [4096, 5000, 20011])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_statistics_kernel_matches_torch(block: int, with_residual: bool) -> None:
+    """Step 1 on the CPU (numba, v never stored) gives the torch reference's per-block RMS and
+    max |v| bit for bit, and the same non-finite flag."""
+    from ggspeed.gct import common
+
+    torch.manual_seed(block)
+    n = 20011
+    x = torch.randn(n) * torch.logspace(-6, 2, n)
+    residual = torch.randn(n) * 1e-3 if with_residual else None
+    state = GCTState(_gct())
+    _, msg, _ = common.add_and_block_stats(state, x, residual, block)
+    _, rms, amax, nonfinite = common.add_and_block_stats_torch(x, residual, block)
+    nb = rms.numel()
+    assert torch.equal(msg[:nb], rms), "block RMS"
+    assert torch.equal(msg[nb : 2 * nb], amax), "block max |v|"
+    assert msg[-1] == 0 and not nonfinite
+    x[n // 2] = float("nan")
+    _, msg, _ = common.add_and_block_stats(state, x, residual, block)
+    assert msg[-1] == 1 and common.add_and_block_stats_torch(x, residual, block)[3]
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_dequantize_kernel_matches_torch(average: bool) -> None:
+    from ggspeed.gct import common
+
+    torch.manual_seed(2)
+    sums = torch.randint(-5000, 5000, (20011,), dtype=torch.int32)
+    steps = torch.rand(5) * 1e-3
+    for world in (2, 3, 8):
+        got = common.dequantize(sums, steps, 4096, world, average, None)
+        want = common.dequantize_torch(sums, steps, 4096, world, average)
+        assert torch.equal(got, want), world
 
 
 @pytest.mark.parametrize("order", [0, 2, "auto"])
 @pytest.mark.parametrize("runs", [True, False])
 @pytest.mark.parametrize("segments", [1, 3])
 def test_quantize_encode_gives_the_codec_bytes(order, runs: bool, segments: int) -> None:
-    """The one-pass quantize-and-encode writes, per segment, the very stream ``encode_chunk``
-    makes of the levels (what the receivers' decoder and the CUDA path expect), and
-    ``decode_add_cpu`` adds a received stream into a level tensor."""
-    from ggspeed.gct import allreduce, common
+    """The one-pass quantize-and-encode writes, per segment, the very stream ``encode_levels``
+    makes of the levels (the codec's bytes with a CRC-32, what the CUDA path sends), and
+    ``decode_add`` adds a received stream into a level tensor."""
+    from ggspeed.gct import common
+    from ggspeed.gct.exchange import chunk_bounds
 
     torch.manual_seed(7)
     n, block = 3 * codec.DEFAULT_CHUNK + 1234, 4096
     v = torch.randn(n) * (torch.rand(n) < 0.3) * torch.rand(n) * 30
     steps = torch.rand(-(-n // block)) + 0.5
     state = GCTState(_gct(eg_order=order, zero_runs=runs, rdoq_mu=0.1))
-    bounds = allreduce._chunk_bounds(n, segments)
+    bounds = chunk_bounds(n, segments)
     skip = 1 if segments > 1 else -1
-    residual = torch.zeros(n)
-    q, err, _, coded = allreduce._quantize_encode_cpu(
-        state, v.clone(), steps, block, residual, bounds, skip
+    buf = torch.empty(n)
+    q, err, _, _, coded = common.quantize_encode(
+        state, v.clone(), torch.zeros(n), steps, block, buf, bounds, skip
     )
     q_ref, err_ref, _, _ = common.quantize_torch(state, v.clone(), steps, block)
     assert torch.equal(q, q_ref) and torch.equal(err, err_ref)
-    assert err is residual  # overwritten in place
     for r in range(segments):
         seg = q[bounds[r] : bounds[r + 1]]
         if r == skip:
             assert coded[r] is None
             continue
-        assert torch.equal(coded[r], allreduce.encode_chunk(seg, state))
+        assert torch.equal(coded[r], common.encode_levels(seg, state))
+        stream = codec.EGStream.from_tensor(coded[r])  # the CRC checks out
+        assert torch.equal(codec.eg_decode(stream), seg)
         buf = common.with_slack(coded[r].numel() + 5, torch.device("cpu"))
         buf[5 : 5 + coded[r].numel()] = coded[r]
         acc = torch.randint(-1000, 1000, seg.shape, dtype=torch.int32)
         want = acc + seg
         acc0 = acc.clone()
-        common.decode_add_cpu(buf, 5, coded[r].numel(), acc)
+        common.decode_add(buf, 5, coded[r].numel(), acc)
         assert torch.equal(acc, want)
-        # finish: the sums go dequantized to out, exactly as _dequantize computes them
+        # finish: the sums go dequantized to out, exactly as dequantize computes them
         seg_steps = steps.repeat_interleave(block)[bounds[r] : bounds[r + 1]]  # block 1
         out = torch.empty(seg.numel())
-        common.decode_add_cpu(buf, 5, coded[r].numel(), acc0, (seg_steps, 1, 2, True, out))
-        assert torch.equal(out, allreduce._dequantize(want, seg_steps, 1, 2, True, None))
+        common.decode_add(buf, 5, coded[r].numel(), acc0, (seg_steps, 1, 2, True, out))
+        assert torch.equal(out, common.dequantize_torch(want, seg_steps, 1, 2, True))
         with pytest.raises(ValueError, match="truncated"):
-            common.decode_add_cpu(buf, 5, coded[r].numel() - 1, acc.clone())
+            common.decode_add(buf, 5, coded[r].numel() - 1, acc.clone())
         with pytest.raises(ValueError, match="expected"):
-            common.decode_add_cpu(buf, 5, coded[r].numel(), acc[1:].clone())
+            common.decode_add(buf, 5, coded[r].numel(), acc[1:].clone())
+        flipped = buf.clone()
+        flipped[5 + coded[r].numel() - 3] ^= 4  # one payload bit
+        with pytest.raises(ValueError, match="checksum mismatch"):
+            common.decode_add(flipped, 5, coded[r].numel(), acc.clone())
+        no_crc = buf.clone()
+        no_crc[5 + 5] &= ~4  # the header's "checksum present" flag cleared
+        with pytest.raises(ValueError, match="no checksum"):
+            common.decode_add(no_crc, 5, coded[r].numel(), acc.clone())
+
+
+@pytest.mark.parametrize("runs", [True, False])
+def test_codec_chunk_api(runs: bool) -> None:
+    """codec.chunks: a stream assembled from a header written in front of kernel-coded chunks is
+    ``eg_encode``'s (with its CRC when asked), and ``decode_add`` adds its levels."""
+    import numpy as np
+
+    from ggspeed.codec import chunks
+    from ggspeed.gct import kernels
+
+    torch.manual_seed(11)
+    n = 2 * codec.DEFAULT_CHUNK + 77
+    q = (torch.randn(n) * 3 * (torch.rand(n) < 0.4)).round().to(torch.int32)
+    for k in (1, "auto"):
+        ref = codec.eg_encode(q, k=k, runs=runs)
+        ks = np.asarray(chunks.kernel_orders(k, runs), np.int64)
+        head = chunks.head_size(ref.nchunks)
+        buf = np.zeros(head + chunks.code_bound(n), np.uint8)
+        bits = np.zeros(ref.nchunks, np.int64)
+        orders = np.zeros((ref.nchunks, 3), np.uint8)
+        p = np.uint64(0)
+        for c in range(ref.nchunks):
+            lo, hi = c * codec.DEFAULT_CHUNK, min(n, (c + 1) * codec.DEFAULT_CHUNK)
+            p, code = kernels._code_chunk(
+                q.numpy(), lo, hi, runs, ks, buf[head:], p, bits, orders, c
+            )
+            assert code == 0
+        for checksum in (False, True):
+            size = chunks.write_stream_head(
+                buf, n, chunks.stream_k(k, runs), runs, bits, orders, int(p), checksum=checksum
+            )
+            got = torch.from_numpy(buf[:size].copy())
+            assert torch.equal(got, ref.to_tensor(checksum=checksum)), (k, checksum)
+            assert chunks.has_checksum(got) == checksum
+        stream = chunks.read_stream(got, n, require_checksum=True)
+        acc = torch.ones(n, dtype=torch.int32)
+        chunks.decode_add(stream, acc)
+        assert torch.equal(acc, q + 1)
+    with pytest.raises(ValueError, match="no checksum"):
+        chunks.read_stream(ref.to_tensor(checksum=False), n, require_checksum=True)
 
 
 def test_bad_exchange_named() -> None:
@@ -121,90 +212,6 @@ def test_block_steps_kernel_matches_torch_ops(mode: str) -> None:
         assert got.dtype == torch.float32 and torch.equal(got, want), world
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {"rdoq_mu": 0.1},
-        {"rdoq_mu": 0.3, "eg_order": "auto", "block_size": 0},
-        {"zero_runs": False, "eg_order": 2, "quant_step": 0.3},
-        {"step_mode": "absolute", "quant_step": 2e-2, "rdoq_mu": 0.05, "error_feedback": False},
-    ],
-)
-def test_previous_steps_pass_matches_torch_path(kw: dict) -> None:
-    """The CPU pass of steps set without a collective (add, statistics, steps from a basis or
-    the own RMS, quantize, code: one pass) gives the torch path's steps, RMS, levels, residual
-    and stream bytes; the receivers' weighted sum equals the
-    torch ops' rank-ordered sum bit for bit; a non-finite gradient leaves the residual alone."""
-    from ggspeed.gct import common, previous_steps
-
-    torch.manual_seed(3)
-    n = 3 * codec.DEFAULT_CHUNK + 999
-    cfg = _gct(**kw)
-    block = min(cfg.block_size or n, n)
-    ranks = []
-    for r in range(3):
-        state = GCTState(cfg)
-        x = torch.randn(n) * (torch.rand(n) < 0.5) * (r + 1)
-        x[:5000] *= 50  # a loud block: its own, coarser step
-        x[5000:9000] = 0  # an all-zero block
-        residual = torch.randn(n) * 0.1 if cfg.error_feedback else None
-        live = residual.clone() if residual is not None else None
-        basis = torch.rand(-(-n // block)) if r == 1 else None  # rank 1: steps from a basis
-        q, err, steps, rms, coded, esq, vsq = previous_steps._encode_cpu(
-            state, x, residual, "b", block, basis
-        )
-        tq, terr, tsteps, trms, tcoded, tesq, tvsq = previous_steps._encode_torch(
-            state, x, residual, block, basis
-        )
-        assert torch.equal(steps, tsteps) and torch.equal(rms, trms)
-        assert torch.equal(q, tq) and torch.equal(coded, tcoded)
-        # statistics: float64 sums here, float32 BLAS dot products there
-        assert vsq == pytest.approx(tvsq, rel=1e-4) and esq == pytest.approx(tesq, rel=1e-4)
-        if residual is not None:
-            assert torch.equal(err, terr) and torch.equal(residual, live)  # not written over
-        ranks.append((q.clone(), steps, rms, coded))
-    # The gathered buffer as gather_coded lays it out: header (flag, steps, RMS), stream, padding.
-    nb = ranks[0][1].numel()
-    parts = [torch.cat([torch.tensor([0.0]), s, rm]).view(torch.uint8) for _, s, rm, _ in ranks]
-    lens = [p.numel() + c.numel() for p, (*_, c) in zip(parts, ranks, strict=True)]
-    width = max(lens) + 3
-    buf = common.with_slack(3 * width, torch.device("cpu"))
-    for r, (p, (*_, c)) in enumerate(zip(parts, ranks, strict=True)):
-        buf[r * width : r * width + lens[r]] = torch.cat([p, c])
-    heads = previous_steps._headers(buf, lens, width, nb)
-    assert all(
-        not f and torch.equal(s, rk[1]) and torch.equal(rm, rk[2])
-        for (f, s, rm), rk in zip(heads, ranks, strict=True)
-    )
-    steps = torch.stack([s for _, s, _, _ in ranks])
-    for me in range(3):
-        for average in (True, False):
-            want = previous_steps._decode_torch(
-                buf, lens, width, me, ranks[me][0], steps, block, average
-            )
-            out = torch.empty(n)
-            previous_steps._decode_cpu(
-                GCTState(cfg), buf, lens, width, me, ranks[me][0], steps, block, average, out
-            )
-            assert torch.equal(out, want)
-    bad = buf.clone()
-    bad[2 * width + 4 * (2 * nb + 1) + 80] ^= 0xFF  # rank 2's payload (after 76 bytes of tables)
-    with pytest.raises(ValueError, match="cannot decode rank 2's stream"):
-        previous_steps._decode_cpu(
-            GCTState(cfg), bad, lens, width, 0, ranks[0][0], steps, block, True, out
-        )
-    # A non-finite gradient stops the pass: no stream, and the live residual is untouched.
-    state = GCTState(cfg)
-    x = torch.randn(n)
-    x[n - 3] = float("nan")
-    residual = torch.randn(n) if cfg.error_feedback else None
-    live = residual.clone() if residual is not None else None
-    *_, coded, _, _ = previous_steps._encode_cpu(state, x, residual, "b", block)
-    assert coded is None
-    if residual is not None:
-        assert torch.equal(residual, live)
-
-
 def _gct(**kw) -> GCTConfig:
     return from_ds_config({"ggspeed": {"gct": {"enabled": True, **kw}}}).gct
 
@@ -217,8 +224,8 @@ def test_config_defaults_and_bad_values() -> None:
         ({"quant_step": 0}, "ggspeed.gct.quant_step"),
         ({"step_mode": "rel"}, "ggspeed.gct.step_mode"),
         ({"exchange": "ring"}, "ggspeed.gct.exchange"),
-        ({"step_agreement": "mine"}, "ggspeed.gct.step_agreement"),
-        ({"step_agreement": "previous"}, "step_agreement 'previous' needs exchange 'allgather'"),
+        # removed option: an old config naming it gets the unknown-key error
+        ({"step_agreement": "previous"}, "ggspeed.gct.step_agreement: unknown key"),
         ({"rdoq_mu": -1}, "ggspeed.gct.rdoq_mu"),
         ({"eg_order": 16}, "eg_order"),
         ({"eg_order": "fast"}, "ggspeed.gct.eg_order"),
@@ -273,7 +280,6 @@ def test_rdoq_trades_error_for_bits() -> None:
 def test_state_round_trip_and_pickle() -> None:
     s = GCTState(_gct(constraint_lambda=0.1, constraint_warmup_steps=10))
     s.set_residual("e0", torch.arange(4.0))
-    s.set_step_basis("e0", torch.tensor([0.5, 2.0]))
     s.constraint_prev["g0.p0"] = (torch.ones(2), torch.zeros(2))
     s.on_step(5)
     assert s.constraint_lambda == pytest.approx(0.05)
@@ -281,23 +287,95 @@ def test_state_round_trip_and_pickle() -> None:
     t = GCTState(s.cfg)
     t.load_state_dict(pickle.loads(pickle.dumps(s.state_dict())))
     assert torch.equal(t.residuals["e0"], torch.arange(4.0)) and t.global_step == 5
-    assert torch.equal(t.step_basis("e0", 2), torch.tensor([0.5, 2.0]))
-    assert t.step_basis("e0", 3) is None  # another block count: not applied
-    # double buffering: the replaced residual becomes the next call's buffer, never the live one
-    t.set_residual("e0", torch.zeros(4))
-    spare = t.next_residual("e0", 4)
+    # double buffering (CPU path): a recycled residual becomes the next call's buffer, never
+    # the live one
+    t.set_residual("e0", torch.zeros(4), recycle=True)
+    spare = t.residual_buffer("e0", 4)
     assert spare.data_ptr() != t.residuals["e0"].data_ptr()
     assert torch.equal(spare, torch.arange(4.0))  # the old residual's memory, reused
-    older = {k: v for k, v in s.state_dict().items() if k != "step_bases"}  # an older checkpoint
-    t.load_state_dict(older)
-    assert t.step_basis("e0", 2) is None
     assert t.stats.bits_per_element == pytest.approx(2.0)
     assert s.scalars()["bits_per_element"] == pytest.approx(2.0)
     assert s.scalars()["bytes_sent"] == 0.0  # a window since the last call
     assert pickle.loads(pickle.dumps(s)).residuals.keys() == {"e0"}
+    s.set_residual("e0", torch.arange(4.0))  # used since: a size change is a new bucket
     assert s.residual("e0", torch.zeros(3)) is None  # size changed: dropped, not misapplied
     with pytest.raises(ValueError, match="version"):
         t.load_state_dict({"version": 7})
+
+
+def test_set_residual_releases_the_replaced_one() -> None:
+    """The torch path allocates each new residual: the one it replaces must be freed, not kept
+    as a spare (two bucket-sized buffers per bucket on a GPU)."""
+    s = GCTState(_gct())
+    old = torch.randn(1000)
+    ref = weakref.ref(old)
+    s.set_residual("b", old)
+    s.set_residual("b", torch.randn(1000))
+    del old
+    gc.collect()
+    assert ref() is None, "the replaced residual is still referenced by the state"
+
+
+def test_state_dict_loads_with_weights_only(tmp_path) -> None:
+    """A saved GCT state holds only tensors and plain Python values: torch.load with
+    weights_only=True reads it back (counters fed numpy integers included)."""
+    import numpy as np
+
+    s = GCTState(_gct(constraint_lambda=0.1))
+    s.set_residual("e0", torch.randn(10))
+    s.constraint_prev["p"] = (torch.ones(3), torch.zeros(3))
+    s.record(calls=1, bytes_sent=np.int64(1234), quant_sq_err=np.float32(0.5), elements=10)
+    path = tmp_path / "gct.pt"
+    torch.save({"components": {"gct": s.state_dict()}}, path)
+    loaded = torch.load(path, weights_only=True)["components"]["gct"]
+    t = GCTState(s.cfg)
+    t.load_state_dict(loaded)
+    assert torch.equal(t.residuals["e0"], s.residuals["e0"])
+    assert t.stats.bytes_sent == 1234 and type(loaded["stats"]["bytes_sent"]) is int
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (lambda d: ["not", "a", "dict"], r"the whole state\) must be a dict, got list"),
+        (lambda d: {**d, "residuals": "abc"}, "residuals must be a dict, got str"),
+        (lambda d: {**d, "residuals": {"e0": [1.0, 2.0]}}, r"residuals\['e0'\] must be a tensor"),
+        (
+            lambda d: {**d, "residuals": {"e0": torch.zeros(4, dtype=torch.float64)}},
+            r"residuals\['e0'\] must be a 1-D float32 tensor, got 1-D torch.float64",
+        ),
+        (
+            lambda d: {**d, "residuals": {"e0": torch.tensor([1.0, float("nan")])}},
+            r"residuals\['e0'\] holds inf or NaN",
+        ),
+        (lambda d: {**d, "constraint_prev": {"p": 3}}, r"constraint_prev\['p'\] must be a"),
+        (lambda d: {**d, "stats": {"calls": "x"}}, r"stats\['calls'\] must be a number"),
+        (lambda d: {**d, "stats": {"bogus": 1}}, "stats has unknown fields"),
+        (lambda d: {k: v for k, v in d.items() if k != "residuals"}, "residuals is missing"),
+        (lambda d: {**d, "global_step": 1.5}, "global_step must be an int"),
+    ],
+)
+def test_load_state_dict_refuses_bad_contents(change, needle: str) -> None:
+    """A malformed state is refused naming the key and what is wrong, and nothing changes."""
+    s = GCTState(_gct())
+    s.set_residual("e0", torch.arange(4.0))
+    t = GCTState(s.cfg)
+    t.set_residual("mine", torch.ones(2))
+    with pytest.raises(ValueError, match=needle):
+        t.load_state_dict(change(s.state_dict()))
+    assert list(t.residuals) == ["mine"]
+
+
+def test_restored_residual_of_another_size_is_refused() -> None:
+    """A residual loaded from a checkpoint that does not fit its bucket is an error naming the
+    key and both sizes, not silently dropped."""
+    s = GCTState(_gct())
+    s.set_residual("e0", torch.arange(4.0))
+    t = GCTState(s.cfg)
+    t.load_state_dict(s.state_dict())
+    with pytest.raises(ValueError, match="residual 'e0' has 4 elements, but this bucket has 3"):
+        t.residual("e0", torch.zeros(3))
+    assert torch.equal(t.residual("e0", torch.zeros(4)), torch.arange(4.0))
 
 
 def test_secant_guard_and_clip() -> None:
@@ -340,3 +418,21 @@ def test_secant_matches_exact_hvp_direction() -> None:
         opt.step()
     assert len(cos) == 7 and min(cos) > 0.5 and sorted(cos)[3] > 0.9, cos
     assert state.scalars()["constraint_rel"] > 0
+
+
+def test_gct_uses_only_the_codecs_public_api() -> None:
+    """ggspeed.gct reaches the codec through ``ggspeed.codec`` and ``codec.chunks`` only, never
+    its private modules (cpu, api, stream, triton_kernels) or underscore names."""
+    import re
+    from pathlib import Path
+
+    import ggspeed.gct
+
+    private = re.compile(
+        r"from \.\.codec(\.\w+)? import .*\b(cpu|api|stream|triton_kernels|_\w+)\b"
+        r"|from \.\.codec\.(cpu|api|stream|triton_kernels) import"
+        r"|\b(codec|chunks)\._\w+"
+    )
+    for path in sorted(Path(ggspeed.gct.__file__).parent.glob("*.py")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            assert not private.search(line), f"{path.name}:{i}: {line.strip()}"

@@ -32,12 +32,6 @@ def _cuda_against_cpu() -> dict:
         "rdoq_auto_runs": {"quant_step": 1.0, "rdoq_mu": 0.1, "eg_order": "auto"},
         "plain_k2": {"quant_step": 0.25, "eg_order": 2, "zero_runs": False},
         "reduce_scatter": {"quant_step": 1.0, "rdoq_mu": 0.05, "exchange": "reduce_scatter"},
-        "previous_steps": {
-            "quant_step": 1.0,
-            "rdoq_mu": 0.1,
-            "exchange": "allgather",
-            "step_agreement": "previous",
-        },
     }
     for name, kw in cfgs.items():
         cpu_state, gpu_state = (GCTState(GCTConfig(enabled=True, **kw)) for _ in range(2))
@@ -70,8 +64,7 @@ def _cuda_against_cpu() -> dict:
     yb = compressed_all_reduce(xb.clone(), state)
     out["bf16"] = (str(yb.dtype), yb.device.type, yb.float().cpu())
     # one rank's inf reaches every rank on the GPU path too, and the residual stays as it was
-    # (steps from the previous call: the flag arrives after quantizing)
-    state = GCTState(GCTConfig(enabled=True, exchange="allgather", step_agreement="previous"))
+    state = GCTState(GCTConfig(enabled=True, exchange="allgather"))
     compressed_all_reduce(_grad_like(8 + rank, 1000).cuda(), state, key="b")
     before = state.residuals["b"].clone()
     x = _grad_like(9 + rank, 1000).cuda()
@@ -86,7 +79,7 @@ def _cuda_against_cpu() -> dict:
 def test_cuda_path_matches_cpu_path_on_two_ranks() -> None:
     r0, r1 = run_ranks(_cuda_against_cpu, 2, timeout=600)
     report = []
-    for name in ("round", "rdoq_auto_runs", "plain_k2", "reduce_scatter", "previous_steps"):
+    for name in ("round", "rdoq_auto_runs", "plain_k2", "reduce_scatter"):
         assert r0[name + "_residual_device"] == "cuda"
         for t, (a, b) in enumerate(zip(r0[name], r1[name], strict=True)):
             assert a["device"] == "cuda"

@@ -45,19 +45,6 @@ def _collective_checks() -> dict:
             ),
             1.0,
         ),
-        # steps from the previous call's largest RMS (here the first call: each rank's own),
-        # sent with the levels: within half of the largest step
-        (
-            "previous",
-            GCTConfig(
-                enabled=True,
-                error_feedback=False,
-                quant_step=0.5,
-                exchange="allgather",
-                step_agreement="previous",
-            ),
-            0.5,
-        ),
         (
             "abs_auto",
             GCTConfig(
@@ -124,9 +111,9 @@ def _collective_checks() -> dict:
     y = compressed_all_reduce(x, state, key="b")
     out["nonfinite_all_nan"] = bool(torch.isnan(y).all())
     out["residual_kept"] = bool(torch.equal(before, state.residuals["b"]))
-    # The same with steps from the previous call (2-rank subgroups): the flag travels in the
-    # payload header, after this rank has quantized (its new residual must not be kept).
-    state = GCTState(GCTConfig(enabled=True, exchange="allgather", step_agreement="previous"))
+    # The same on 2-rank subgroups with the all-gather exchange: the flag of one rank per
+    # subgroup reaches its peer only.
+    state = GCTState(GCTConfig(enabled=True, exchange="allgather"))
     compressed_all_reduce(_grad_like(rank, 100), state, sub, key="b")
     before = state.residuals["b"].clone()
     x = _grad_like(7 + rank, 100)
@@ -197,7 +184,7 @@ def _four_ranks() -> dict:
 def test_four_ranks_collective_hook_pipeline() -> None:
     res = run_ranks(_four_ranks, 4, init_pg=False, timeout=300)
     _check_pipeline([r["pipeline"] for r in res])
-    for name in ("round", "rdoq", "rdoq_allgather", "previous", "abs_auto"):
+    for name in ("round", "rdoq", "rdoq_allgather", "abs_auto"):
         for r in res[1:]:
             assert torch.equal(r[name]["result"], res[0][name]["result"]), name
         for r in res:
@@ -276,71 +263,68 @@ def _exchanges_agree() -> dict:
     return out
 
 
-def _previous_steps_against_reference() -> dict:
-    """Steps from the previous call, over 3 error-feedback steps: each rank's result and
-    residual equal what torch ops compute from both ranks' inputs (steps from the previous
-    call's largest RMS, in the first call each rank's own; quantize; rank-ordered float sum)."""
+# Results and residuals of 3 error-feedback calls (fp32, bf16, a non-contiguous view) on 2
+# ranks, per setting: sha256 prefixes (rank 0, rank 1) recorded with the code before the
+# exchanges were put behind one interface; every exchange must still give these bits.
+GOLDEN = {
+    "default": ("c1e026dbc14de6da", "31e859564af176f6"),
+    "rdoq_auto": ("e2d12bec9da41543", "b6f31dd8279f68cc"),
+    "plain_k2": ("116a22cb0d0648f5", "fbc73c2c073a2d30"),
+    "absolute_no_ef": ("1f1593277af1658a", "1f1593277af1658a"),
+    "block_5000_rdoq": ("e76660418d26f14c", "3b2f181fd7baf242"),
+    "one_block_k3": ("c7aaf90b987050aa", "28a3955bb1d4f938"),
+    "fine_absolute": ("45c0d4c647a1d679", "5d7eacdedf53eee4"),
+}
+GOLDEN_SETTINGS = {
+    "default": {},
+    "rdoq_auto": {"rdoq_mu": 0.1, "eg_order": "auto"},
+    "plain_k2": {"zero_runs": False, "eg_order": 2, "quant_step": 0.3},
+    "absolute_no_ef": {"step_mode": "absolute", "quant_step": 2e-4, "error_feedback": False},
+    "block_5000_rdoq": {"block_size": 5000, "rdoq_mu": 0.2},
+    "one_block_k3": {"block_size": 0, "eg_order": 3},
+    "fine_absolute": {"step_mode": "absolute", "quant_step": 1e-5},
+}
+
+
+def _golden_hashes() -> dict:
+    """The GOLDEN digests of every setting through each exchange (the direct one, the
+    all-gather through collectives, the reduce-scatter)."""
+    import hashlib
+
     import torch.distributed as dist
 
     from ggspeed.config import GCTConfig
-    from ggspeed.gct import GCTState, compressed_all_reduce
-    from ggspeed.gct.common import block_stats, block_steps, quantize_torch
+    from ggspeed.gct import GCTState, compressed_all_reduce, direct
 
-    rank, world, n = dist.get_rank(), dist.get_world_size(), 70_001
+    rank, n, usable = dist.get_rank(), 150_000, direct.usable
     out = {}
-    prev = {"exchange": "allgather", "step_agreement": "previous"}
-    settings = {
-        "round": {"quant_step": 0.5, **prev},
-        "rdoq_auto": {"rdoq_mu": 0.1, "eg_order": "auto", **prev},
-        "plain_k2": {"zero_runs": False, "eg_order": 2, "quant_step": 0.3, **prev},
-        "absolute": {"step_mode": "absolute", "quant_step": 1e-3, **prev},
-        "big_block": {"block_size": 50_000, **prev},
-    }
-    for name, kw in settings.items():
-        state, ref = (GCTState(GCTConfig(enabled=True, **kw)) for _ in range(2))
-        block = min(state.cfg.block_size or n, n)
-        residuals = [torch.zeros(n) for _ in range(world)]
-        basis = None
-        rows = []
-        for t in range(3):
-            xs = [_grad_like(100 * t + r, n) * (1 + 3 * t * r) for r in range(world)]
-            y = compressed_all_reduce(xs[rank].clone(), state, key="g")
-            acc, rms_all = None, []
-            for r in range(world):
-                v = xs[r] + residuals[r]
-                rms, amax, _ = block_stats(v, block)
-                s = block_steps(ref, basis if basis is not None else rms, amax, 1)
-                q, residuals[r], *_ = quantize_torch(ref, v, s, block)
-                term = q.float() * s.repeat_interleave(block)[:n]
-                acc = term if acc is None else acc + term
-                rms_all.append(rms)
-            basis = torch.stack(rms_all).amax(0)
-            rows.append(
-                torch.equal(y, acc / world) and torch.equal(state.residuals["g"], residuals[rank])
-            )
-        out[name] = all(rows)
-    # Resuming from state_dict (residual and step basis) continues bit for bit.
-    cfg = GCTConfig(enabled=True, rdoq_mu=0.1, exchange="allgather", step_agreement="previous")
-    xs = [_grad_like(500 + t + 10 * rank, 5000) for t in range(4)]
-    straight = GCTState(cfg)
-    want = [compressed_all_reduce(x.clone(), straight, key="g") for x in xs]
-    first = GCTState(cfg)
-    got = [compressed_all_reduce(x.clone(), first, key="g") for x in xs[:2]]
-    resumed = GCTState(cfg)
-    resumed.load_state_dict(first.state_dict())
-    got += [compressed_all_reduce(x.clone(), resumed, key="g") for x in xs[2:]]
-    out["resume"] = all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    for name, kw in GOLDEN_SETTINGS.items():
+        for path in ("direct", "collectives", "reduce_scatter"):
+            direct.usable = usable if path == "direct" else (lambda *_: False)
+            exchange = "reduce_scatter" if path == "reduce_scatter" else "allgather"
+            state = GCTState(GCTConfig(enabled=True, exchange=exchange, **kw))
+            h = hashlib.sha256()
+            for t in range(3):
+                x = _grad_like(10 * t + rank, n) * (1 + t)
+                if t == 1:
+                    x = x.to(torch.bfloat16)
+                if t == 2:
+                    x = x.view(300, 500).t()  # non-contiguous
+                y = compressed_all_reduce(x, state, key="g")
+                h.update(y.float().contiguous().numpy().tobytes())
+                if "g" in state.residuals:
+                    h.update(state.residuals["g"].numpy().tobytes())
+            out[f"{name}/{path}"] = h.hexdigest()[:16]
+    direct.usable = usable
     return out
 
 
 def _direct_exchange() -> dict:
     """The direct exchange (CPU on gloo: point-to-point pieces) against the all-gather through
     collectives, over 3 error-feedback steps: the same results and residuals bit for bit; the
-    bytes one rank counts as sent are those the other counts as received; a stream whose
-    header lies is refused naming the sender and the piece."""
+    bytes one rank counts as sent are those the other counts as received."""
     import torch.distributed as dist
 
-    from ggspeed.codec import stream as codec_stream
     from ggspeed.config import GCTConfig
     from ggspeed.gct import GCTState, compressed_all_reduce, direct
 
@@ -375,48 +359,166 @@ def _direct_exchange() -> dict:
         ) and torch.equal(ra, rb)
         out["bytes"][name] = [int(sa.bytes_sent), int(sa.bytes_received)]
     direct.usable = usable
-    # rank 1's header claims more code bits than its chunks hold
-    write_head = codec_stream.write_head
-
-    def lying_head(buf, *a):
-        size = write_head(buf, *a)
-        buf[24:32] = (buf[24:32].view("<u8") + 8).view("u1")
-        return size
-
-    if rank == 1:
-        codec_stream.write_head = lying_head
-    try:
-        compressed_all_reduce(_grad_like(7, n), GCTState(GCTConfig(enabled=True)), key="g")
-        out["corrupt"] = None
-    except ValueError as e:
-        out["corrupt"] = str(e)
-    codec_stream.write_head = write_head
-    # the connection stays usable: the next call's messages meet the next call's receives
-    y = compressed_all_reduce(_grad_like(8, n), GCTState(GCTConfig(enabled=True)), key="g")
-    out["after_corrupt"] = bool(torch.isfinite(y).all() and y.abs().sum() > 0)
     direct.MIN_PIECE = min_piece
+    return out
+
+
+def _flip(at: int, bit: int):
+    """A send hook that flips one bit of every non-empty coded stream (uint8), at byte ``at``
+    from the end (``at`` < 0) or the start."""
+
+    def hook(buf: torch.Tensor):
+        if buf.dtype == torch.uint8 and buf.numel():
+            buf[at] ^= 1 << bit
+        return None
+
+    return hook
+
+
+def _flip_stats(buf: torch.Tensor):
+    """A send hook that sends a copy of the statistics message (float32) with one bit flipped
+    in the first block's RMS; the sender keeps its own message intact, as on a faulty wire."""
+    if buf.dtype != torch.float32:
+        return None
+    bad = buf.clone()
+    bad.view(torch.uint8)[0] ^= 1
+    return bad
+
+
+def _wire_integrity() -> dict:
+    """Rank 1's outgoing bytes corrupted by one flipped bit (payload, header flag, statistics
+    message), through each exchange: every rank raises the same WireError naming rank 1, in
+    bounded time, with its residual unchanged; the next call goes on normally."""
+    import time
+
+    import torch.distributed as dist
+
+    from ggspeed.config import GCTConfig
+    from ggspeed.gct import GCTState, WireError, compressed_all_reduce, direct
+    from ggspeed.gct.exchange import Exchange
+
+    rank, n, usable = dist.get_rank(), 60_000, direct.usable
+    faults = {
+        "payload": _flip(-3, 2),  # a bit of the last code bytes
+        "crc_flag": _flip(5, 2),  # the header's "checksum present" flag
+        "stats": _flip_stats,  # a statistics message (direct exchange only)
+    }
+    out = {}
+    for path in ("direct", "collectives", "reduce_scatter"):
+        direct.usable = usable if path == "direct" else (lambda *_: False)
+        exchange = "reduce_scatter" if path == "reduce_scatter" else "allgather"
+        for fault, hook in faults.items():
+            if fault == "stats" and path != "direct":
+                continue  # the collectives' MAX has no per-sender message to corrupt
+            state = GCTState(GCTConfig(enabled=True, exchange=exchange, rdoq_mu=0.1))
+            compressed_all_reduce(_grad_like(rank, n), state, key="g")
+            before = state.residuals["g"].clone()
+            Exchange.send_hook = hook if rank == 1 else None
+            t0 = time.perf_counter()
+            try:
+                compressed_all_reduce(_grad_like(5 + rank, n), state, key="g")
+                error = None
+            except WireError as e:
+                error = str(e)
+            seconds = time.perf_counter() - t0
+            Exchange.send_hook = None
+            unchanged = torch.equal(before, state.residuals["g"])
+            y = compressed_all_reduce(_grad_like(9 + rank, n), state, key="g")
+            out[f"{path}/{fault}"] = {
+                "error": error,
+                "seconds": seconds,
+                "residual_unchanged": unchanged,
+                "wire_errors": state.stats.wire_errors,
+                "next": y,
+            }
+    direct.usable = usable
+    return out
+
+
+def _torch_path() -> dict:
+    """The torch reference path (what CUDA tensors run) on CPU tensors against the fused CPU
+    kernels, through both collective exchanges, over 3 error-feedback calls: the same results and
+    residuals bit for bit, and a flipped bit refused on both ranks."""
+    import torch.distributed as dist
+
+    from ggspeed.config import GCTConfig
+    from ggspeed.gct import GCTState, WireError, common, compressed_all_reduce
+    from ggspeed.gct.exchange import Exchange
+
+    rank, n = dist.get_rank(), 50_000
+    out: dict = {}
+    settings = {
+        "rdoq_auto": {"rdoq_mu": 0.1, "eg_order": "auto"},
+        "plain_k2_absolute": {"zero_runs": False, "eg_order": 2, "step_mode": "absolute",
+                              "quant_step": 3e-4},
+    }  # fmt: skip
+    for name, kw in settings.items():
+        for exchange in ("allgather", "reduce_scatter"):
+            results = {}
+            for fused in (True, False):
+                common.FUSED_CPU = fused
+                state = GCTState(GCTConfig(enabled=True, exchange=exchange, **kw))
+                ys = [
+                    compressed_all_reduce(_grad_like(10 * t + rank, n) * (1 + t), state, key="g")
+                    for t in range(3)
+                ]
+                results[fused] = (ys, state.residuals["g"].clone())
+            (ya, ra), (yb, rb) = results[True], results[False]
+            out[f"{name}/{exchange}"] = all(
+                torch.equal(a, b) for a, b in zip(ya, yb, strict=True)
+            ) and torch.equal(ra, rb)
+    state = GCTState(GCTConfig(enabled=True, exchange="allgather"))
+    compressed_all_reduce(_grad_like(rank, n), state, key="g")
+    before = state.residuals["g"].clone()
+    Exchange.send_hook = _flip(-3, 2) if rank == 1 else None
+    try:
+        compressed_all_reduce(_grad_like(5 + rank, n), state, key="g")
+        out["wire"] = None
+    except WireError as e:
+        out["wire"] = (str(e), torch.equal(before, state.residuals["g"]))
+    Exchange.send_hook = None
+    common.FUSED_CPU = True
     return out
 
 
 def _two_ranks() -> dict:
     return {
         "agree": _exchanges_agree(),
-        "previous": _previous_steps_against_reference(),
+        "golden": _golden_hashes(),
         "direct": _direct_exchange(),
+        "wire": _wire_integrity(),
+        "torch_path": _torch_path(),
     }
 
 
-def test_exchanges_agree_and_previous_steps() -> None:
+def test_exchanges_agree_bits_kept_and_corruption_refused() -> None:
     res = run_ranks(_two_ranks, 2)
     for r in res:
         assert all(r["agree"].values()), r
-        assert all(r["previous"].values()), r
         assert all(r["direct"]["same"].values()) and len(r["direct"]["same"]) == 5, r
         assert r["direct"]["int8"]["rdoq_auto"] and not r["direct"]["int8"]["fine_absolute"], r
     for name in res[0]["direct"]["bytes"]:
         (sent0, got0), (sent1, got1) = (r["direct"]["bytes"][name] for r in res)
         assert sent0 == got1 and sent1 == got0 and sent0 > 0, (name, sent0, got0, sent1, got1)
-    assert res[1]["direct"]["corrupt"] is None  # rank 0's streams were sound
-    assert res[0]["direct"]["after_corrupt"] and res[1]["direct"]["after_corrupt"]
-    assert "rank 1's piece 0" in res[0]["direct"]["corrupt"], res[0]["direct"]["corrupt"]
-    assert "header says" in res[0]["direct"]["corrupt"], res[0]["direct"]["corrupt"]
+    for key, digest in res[0]["golden"].items():
+        name = key.split("/")[0]
+        assert (digest, res[1]["golden"][key]) == GOLDEN[name], f"{key}: bits changed"
+    wire = {k: (res[0]["wire"][k], res[1]["wire"][k]) for k in res[0]["wire"]}
+    assert len(wire) == 7, list(wire)
+    for key, (w0, w1) in wire.items():
+        assert w0["error"] is not None and w0["error"] == w1["error"], (key, w0, w1)
+        if key.endswith("/stats"):
+            assert "agreed block statistics differ" in w0["error"], (key, w0["error"])
+        else:
+            assert "a corrupted stream from rank 1 in bucket 'g'" in w0["error"], (key, w0)
+        for w in (w0, w1):
+            assert w["residual_unchanged"], f"{key}: a residual changed"
+            assert w["wire_errors"] == 1 and w["seconds"] < 30, (key, w)
+        assert torch.equal(w0["next"], w1["next"]), f"{key}: the next call differs"
+    print({k: round(max(w0["seconds"], w1["seconds"]), 4) for k, (w0, w1) in wire.items()})
+    for r in res:
+        torch_path = r["torch_path"]
+        wire_msg = torch_path.pop("wire")
+        assert len(torch_path) == 4 and all(torch_path.values()), torch_path
+        assert wire_msg is not None and wire_msg[1], wire_msg
+        assert "a corrupted stream from rank 1" in wire_msg[0], wire_msg

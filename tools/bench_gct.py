@@ -11,13 +11,12 @@ Three parts, all on 2 data-parallel ranks over gloo:
    ours, its loopback shaped with tc tbf), 2 ranks in the namespace reduce the captured
    gradients in order with each method as a torch DDP comm hook on a stand-in module whose
    gradients *are* the captured ones: fp32 all-reduce, bf16 all-reduce, PowerSGD rank 4, EG
-   coding (no RDOQ), GCT (RDOQ; steps agreed by a MAX all-reduce) and GCT with steps from the
-   previous call ("gct_previous", no collective before quantizing). Reported: bits/element on the wire (bytes counted at the
-   collectives, ring-equivalent: fp32 = 32), the all-reduce time (the hook's call to its
-   future's completion) and the backward + all-reduce time (medians, the slower rank's), GCT's
-   per-call phases, and the relative error of the averaged gradient against the exact average.
-3. e2e: the small GPT trained by 2 DDP ranks with fp32 all-reduce, PowerSGD rank 4, GCT, GCT
-   with steps from the previous call, and GCT + gradient constraint, same data and seed: loss curves (PNG), final loss, average bits;
+   coding (no RDOQ) and GCT (RDOQ; steps agreed by a MAX all-reduce). Reported: bits/element on
+   the wire (bytes counted at the collectives, ring-equivalent: fp32 = 32), the all-reduce time
+   (the hook's call to its future's completion) and the backward + all-reduce time (medians,
+   the slower rank's), GCT's per-call phases, and the relative error of the averaged gradient against the exact average.
+3. e2e: the small GPT trained by 2 DDP ranks with fp32 all-reduce, PowerSGD rank 4, GCT, and
+   GCT + gradient constraint, same data and seed: loss curves (PNG), final loss, average bits;
    step time on each link from short runs.
 
 Results go to <out>/results.json and <out>/*.png; docs/gct.md quotes them.
@@ -43,13 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 LINKS = {"loopback": None, "1gbit": "1gbit", "100mbit": "100mbit"}
-METHODS_AR = ["fp32", "bf16", "powersgd4", "eg", "gct", "gct_previous"]
-METHODS_E2E = ["fp32", "powersgd4", "gct", "gct_previous", "gct_constraint"]
+METHODS_AR = ["fp32", "bf16", "powersgd4", "eg", "gct"]
+METHODS_E2E = ["fp32", "powersgd4", "gct", "gct_constraint"]
 
 
 # ---------------------------------------------------------------------------------------------
 # GCT settings of the benchmark (the "gct" method, steps agreed by a MAX all-reduce); "eg" is the
-# same without RDOQ, "gct_previous" the same with steps from the previous call (no collective).
+# same without RDOQ.
 def gct_config(method: str, args: argparse.Namespace):
     from ggspeed.config import GCTConfig
 
@@ -59,10 +58,8 @@ def gct_config(method: str, args: argparse.Namespace):
         "block_size": args.block_size,
         "eg_order": 0,
     }
-    if method in ("gct", "gct_previous", "gct_constraint"):
+    if method in ("gct", "gct_constraint"):
         kw["rdoq_mu"] = args.rdoq_mu
-    if method == "gct_previous":
-        kw.update(exchange="allgather", step_agreement="previous")
     if method == "gct_constraint":
         kw.update(constraint_lambda=args.constraint_lambda, constraint_warmup_steps=50)
     return GCTConfig(**kw)

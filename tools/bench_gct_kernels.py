@@ -6,9 +6,14 @@ On one captured gradient of the small GPT (``tools/bench_gct.py`` writes the cap
 one this script captures it first), one thread, no communication: the passes of one call timed
 alone, and the fused CPU passes against the unfused path that does the same work in separate
 steps (quantize, then ``codec.eg_encode``; ``codec.eg_decode``, then add, then dequantize), both
-measured in this run; then the two passes of steps from the previous call
-(``ggspeed/gct/previous_steps.py``). Times are thread CPU time (what the pass costs, not waiting for a core on
-a shared machine), median over ``--repeats`` calls after a warm-up call.
+measured in this run; and the fused passes with and without the wire checksum (the CRC-32 the
+sender seals each stream with and the receiver checks). Times are thread CPU time (what the
+pass costs, not waiting for a core on a shared machine), median over ``--repeats`` calls after
+a warm-up call.
+
+``--calls N`` adds whole calls on 2 gloo ranks (``tests/dist.py``'s harness; each rank reduces
+its own captured gradient, error feedback on): calls with and without the wire checksum
+interleaved, and the verdict's message exchange alone; wall-clock medians, the slower rank's.
 """
 
 from __future__ import annotations
@@ -58,10 +63,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--captured", default="build/bench_gct/captured.pt")
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--calls", type=int, default=0, help="whole 2-rank calls per setting (0: none)")
     args = p.parse_args()
+    from ggspeed import codec
     from ggspeed.config import GCTConfig
-    from ggspeed.gct import GCTState, common, previous_steps
-    from ggspeed.gct import allreduce as ar
+    from ggspeed.gct import GCTState, common
 
     torch.set_num_threads(1)
     mine, theirs = load_gradients(Path(args.captured))
@@ -73,81 +79,136 @@ def main() -> None:
     # would add the previous call's residual and the levels would drift.
     quant = GCTState(GCTConfig(enabled=True, quant_step=1.0, block_size=block, rdoq_mu=0.1,
                                error_feedback=False))  # fmt: skip
-    v, msg, _ = ar._prepare(state, mine.clone(), None, block)
-    other, other_msg, _ = ar._prepare(state, theirs.clone(), None, block)
+    v, msg, _ = common.add_and_block_stats(state, mine.clone(), None, block)
+    other, other_msg, _ = common.add_and_block_stats(state, theirs.clone(), None, block)
     nb = (msg.numel() - 1) // 2
     steps = common.block_steps(state, torch.maximum(msg, other_msg)[:nb], msg[nb : 2 * nb], world)
     bounds = [0, n]
-    q, _, _, (coded,) = ar._quantize_encode_cpu(quant, v, steps, block, None, bounds, -1)
-    q = q.clone()
-    _, _, _, (coded_other,) = ar._quantize_encode_cpu(quant, other, steps, block, None, bounds, -1)
-    buf = common.with_slack(coded_other.numel(), torch.device("cpu"))
-    buf[: coded_other.numel()] = coded_other
+
+    def quantize_encode(x, skip=-1):
+        return common.quantize_encode(quant, x, None, steps, block, None, bounds, skip)
+
+    def received(checksum: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(own levels, the peer's stream in a receive buffer, its size) with or without CRC."""
+        common.WIRE_CHECKSUM = checksum
+        q, *_ = quantize_encode(v)
+        q = q.clone()
+        _, _, _, _, (coded_other,) = quantize_encode(other)
+        buf = common.with_slack(coded_other.numel(), torch.device("cpu"))
+        buf[: coded_other.numel()] = coded_other
+        return q, buf, coded_other.numel()
+
     out = torch.empty(n)
+    q, buf, size = received(True)
+    _, buf_plain, size_plain = received(False)
+    common.WIRE_CHECKSUM = True
+    bits = 8 * size / n
 
     # Every timed call reads the same inputs and overwrites the same outputs (scratch buffers,
     # ``out``), so no copies are timed.
     x, zeros = mine.clone(), torch.zeros(n)
 
     def unfused_encode() -> None:  # the same quantization kernel, then the codec's encoder
-        levels, *_ = ar._quantize_encode_cpu(quant, v, steps, block, None, bounds, 0)
-        ar.encode_chunk(levels, state)
+        levels, *_ = quantize_encode(v, 0)
+        common.encode_levels(levels, state)
 
     def unfused_decode() -> None:
-        sums = q + ar.decode_chunk(coded_other)
-        ar._dequantize(sums, steps, block, world, True, out)
+        stream = torch.from_numpy(buf.numpy()[:size].copy())
+        sums = q + codec.eg_decode(codec.EGStream.from_tensor(stream))
+        common.dequantize(sums, steps, block, world, True, out)
 
-    # Steps from the previous call (step_agreement "previous"): the one fused pass, and the receivers' weighted
-    # sum over both ranks' levels, from a gathered buffer laid out as the exchange makes it.
-    pr_state, pr_res = GCTState(cfg), torch.zeros(n)
-    payloads = []
-    for g in (mine, theirs):
-        pq, _, psteps, prms, pcoded, _, _ = previous_steps._encode_cpu(
-            GCTState(cfg), g, None, "b", block
-        )
-        hdr = torch.cat([torch.zeros(1), psteps, prms]).view(torch.uint8)
-        payloads.append((pq.clone(), psteps, torch.cat([hdr, pcoded])))
-    lens = [p.numel() for _, _, p in payloads]
-    width = max(lens)
-    gathered = common.with_slack(2 * width, torch.device("cpu"))
-    for r, (_, _, p) in enumerate(payloads):
-        gathered[r * width : r * width + p.numel()] = p
-    all_steps = torch.stack([s for _, s, _ in payloads])
-    own_q = payloads[0][0]
+    def fused_decode(buf, size) -> Callable[[], None]:
+        return lambda: common.decode_add(buf, 0, size, q, (steps, block, world, True, out))
+
+    def without_checksum(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            common.WIRE_CHECKSUM = False
+            try:
+                fn()
+            finally:
+                common.WIRE_CHECKSUM = True
+
+        return run
 
     rows = {
         "residual add + block statistics": cpu_ms(
-            lambda: ar._prepare(state, x, zeros, block), args.repeats
+            lambda: common.add_and_block_stats(state, x, zeros, block), args.repeats
         ),
         "quantize, then eg_encode (unfused)": cpu_ms(unfused_encode, args.repeats),
-        "quantize-and-encode (fused)": cpu_ms(
-            lambda: ar._quantize_encode_cpu(quant, v, steps, block, None, bounds, -1),
-            args.repeats,
+        "quantize-and-encode (fused)": cpu_ms(lambda: quantize_encode(v), args.repeats),
+        "quantize-and-encode, no CRC": cpu_ms(
+            without_checksum(lambda: quantize_encode(v)), args.repeats
         ),
         "eg_decode, add, dequantize (unfused)": cpu_ms(unfused_decode, args.repeats),
-        "decode-into-result (fused)": cpu_ms(
-            lambda: common.decode_add_cpu(
-                buf, 0, coded_other.numel(), q, (steps, block, world, True, out)
-            ),
-            args.repeats,
-        ),
-        "previous steps: add + quantize + encode": cpu_ms(
-            lambda: previous_steps._encode_cpu(pr_state, x, pr_res, "b", block), args.repeats
-        ),
-        "previous steps: decode weighted sum": cpu_ms(
-            lambda: previous_steps._decode_cpu(
-                pr_state, gathered, lens, width, 0, own_q, all_steps, block, True, out
-            ),
-            args.repeats,
+        "decode-into-result (fused)": cpu_ms(fused_decode(buf, size), args.repeats),
+        "decode-into-result, no CRC": cpu_ms(
+            without_checksum(fused_decode(buf_plain, size_plain)), args.repeats
         ),
     }
-    print(f"{n} elements, {8 * coded.numel() / n:.2f} bits/element; thread CPU ms")
+    print(f"{n} elements, {bits:.2f} bits/element; thread CPU ms")
     print(f"  {'pass':40s} {'median':>7s} {'min':>7s}")
     for name, (med, low) in rows.items():
         print(f"  {name:40s} {med:7.2f} {low:7.2f}")
     enc = rows["quantize, then eg_encode (unfused)"][0] / rows["quantize-and-encode (fused)"][0]
     dec = rows["eg_decode, add, dequantize (unfused)"][0] / rows["decode-into-result (fused)"][0]
     print(f"fused vs unfused (medians): encode side {enc:.2f}x, decode side {dec:.2f}x faster")
+    crc_enc = rows["quantize-and-encode (fused)"][0] / rows["quantize-and-encode, no CRC"][0]
+    crc_dec = rows["decode-into-result (fused)"][0] / rows["decode-into-result, no CRC"][0]
+    both = sum(rows[k][0] for k in ("quantize-and-encode (fused)", "decode-into-result (fused)"))
+    plain = sum(rows[k][0] for k in ("quantize-and-encode, no CRC", "decode-into-result, no CRC"))
+    print(
+        f"wire checksum (medians, with / without): encode side {crc_enc:.3f}x, decode side "
+        f"{crc_dec:.3f}x, both passes {both / plain:.3f}x"
+    )
+
+    if args.calls:
+        two_ranks(args.captured, args.calls)
+
+
+def _calls(captured: str, calls: int) -> dict[str, float]:
+    """On each rank: median wall ms of whole calls with and without the wire checksum
+    (interleaved, in the same order on both ranks) and of the verdict's exchange alone."""
+    import torch.distributed as dist
+
+    from ggspeed.config import GCTConfig
+    from ggspeed.gct import GCTState, common, compressed_all_reduce
+    from ggspeed.gct.exchange import choose
+
+    rank = dist.get_rank()
+    grad = load_gradients(Path(captured))[rank]
+    cfg = GCTConfig(enabled=True, quant_step=1.0, block_size=4096, rdoq_mu=0.1)
+    states = {"crc": GCTState(cfg), "no_crc": GCTState(cfg)}
+    times: dict[str, list[float]] = {"crc": [], "no_crc": [], "verdict": []}
+    ex = choose("allgather", None, grad, rank, dist.get_world_size())
+    for i in range(calls + 2):  # the first two are warm-up
+        order = ("crc", "no_crc") if i % 2 == 0 else ("no_crc", "crc")
+        for mode in order:
+            common.WIRE_CHECKSUM = mode == "crc"
+            x = grad.clone()
+            dist.barrier()
+            t = time.perf_counter()
+            compressed_all_reduce(x, states[mode], key="g")
+            if i >= 2:
+                times[mode].append(time.perf_counter() - t)
+        flags = torch.zeros(4, dtype=torch.int64)
+        dist.barrier()
+        t = time.perf_counter()
+        ex.agree_flags(flags)
+        if i >= 2:
+            times["verdict"].append(time.perf_counter() - t)
+    common.WIRE_CHECKSUM = True
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def two_ranks(captured: str, calls: int) -> None:
+    from tests.dist import run_ranks
+
+    res = run_ranks(_calls, 2, captured, calls)
+    slow = {k: max(r[k] for r in res) for k in res[0]}
+    print(f"2 ranks, {calls} calls each, wall ms (median, slower rank):")
+    for k, v in slow.items():
+        print(f"  {k:10s} {v:7.2f}")
+    print(f"whole call with / without the wire checksum: {slow['crc'] / slow['no_crc']:.3f}x")
 
 
 if __name__ == "__main__":

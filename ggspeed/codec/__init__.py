@@ -5,11 +5,13 @@
     q2 = eg_decode(s)                          # int32, flat, == q.flatten()
     eg_code_length(q, k="auto", runs=True)     # == s.nbits, without encoding
 
-Both backends write the same bytes (format: ``ggspeed/codec/stream.py``).
+Both backends write the same bytes (format: ``ggspeed/codec/stream.py``). ``codec.chunks`` gives
+chunk-level access (code chunks into a caller's buffer, decode chunks and add) for fused passes.
 """
 
 from __future__ import annotations
 
+from . import chunks
 from .api import (
     DEFAULT_CHUNK,
     eg_code_length,
@@ -24,6 +26,7 @@ __all__ = [
     "DEFAULT_CHUNK",
     "MAX_ABS",
     "EGStream",
+    "chunks",
     "dequantize",
     "eg_code_length",
     "eg_decode",

@@ -20,8 +20,8 @@ class GCTConfig(Section):
         "relative",
         description=(
             "How the quantization step is set: 'relative' = quant_step x the largest per-rank "
-            "RMS of (gradient + residual) in each block (see step_agreement); 'absolute' = "
-            "quant_step as is."
+            "RMS of (gradient + residual) in each block, agreed by a small MAX all-reduce before "
+            "quantizing; 'absolute' = quant_step as is."
         ),
     )
     quant_step: float = Field(
@@ -69,20 +69,7 @@ class GCTConfig(Section):
             "buckets on gloo go point to point, with no collective after the step agreement), "
             "'reduce_scatter' (coded chunks summed by their owners, then an "
             "all-gather of the coded sums: volume independent of the world size), 'auto' "
-            "(allgather for 2 ranks, else reduce_scatter). Same result bit for bit with "
-            "step_agreement 'collective'."
-        ),
-    )
-    step_agreement: Literal["auto", "collective", "previous"] = Field(
-        "auto",
-        description=(
-            "How the ranks agree on each block's step: 'collective' = a small MAX all-reduce of "
-            "the block RMS before quantizing (integer sums; with the point-to-point all-gather, "
-            "one message to and from each peer); 'previous' = the largest RMS over "
-            "ranks of the bucket's previous call, sent in the payload headers (no collective, "
-            "one sync point fewer; needs exchange 'allgather'; a bucket's first call uses each "
-            "rank's own RMS; trained worse in 2 of 3 seeds, see docs/gct.md); 'auto' = "
-            "collective."
+            "(allgather for 2 ranks, else reduce_scatter). Same result bit for bit."
         ),
     )
     error_feedback: bool = Field(
@@ -123,13 +110,6 @@ class GCTConfig(Section):
     def _check(self) -> GCTConfig:
         if isinstance(self.eg_order, int) and not 0 <= self.eg_order <= 15:
             raise ValueError(f"eg_order: got {self.eg_order}; allowed: an integer 0..15 or 'auto'")
-        if self.step_agreement == "previous" and self.exchange != "allgather":
-            raise ValueError(
-                f"step_agreement {self.step_agreement!r} needs exchange 'allgather' (got "
-                f"{self.exchange!r}): the reduce_scatter exchange sums integer levels, which "
-                "needs steps agreed before quantizing; set exchange to 'allgather' or "
-                "step_agreement to 'auto' or 'collective'"
-            )
         if self.constraint_warmup_steps and not self.constraint_lambda:
             raise ValueError(
                 "constraint_warmup_steps is set but constraint_lambda is 0: set constraint_lambda "

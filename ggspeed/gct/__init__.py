@@ -1,6 +1,7 @@
 """GCT: gradient-constrained training and an Exp-Golomb-coded compressed all-reduce.
 
-- :func:`compressed_all_reduce` with a per-rank :class:`GCTState` (error feedback, statistics)
+- :func:`compressed_all_reduce` with a per-rank :class:`GCTState` (error feedback, statistics);
+  :class:`WireError` when a corrupted message makes every rank refuse a call
 - :func:`install` / :func:`check_ds_config`: the backend on DeepSpeed 0.19.8 engines
 - :func:`gct_hook`: the same backend as a torch DDP communication hook
 - :class:`GCTBackend`: DeepSpeed <= 0.19.6's ``compressed_allreduce(buffer, worker_error,
@@ -8,7 +9,7 @@
 - :func:`apply_constraint`, :func:`exact_constraint_term`: the gradient constraint
 """
 
-from .allreduce import compressed_all_reduce
+from .allreduce import WireError, compressed_all_reduce
 from .backend import GCTBackend
 from .constraint import apply_constraint, exact_constraint_term, secant_term
 from .deepspeed import check_ds_config, install
@@ -20,6 +21,7 @@ __all__ = [
     "GCTBackend",
     "GCTState",
     "GCTStats",
+    "WireError",
     "apply_constraint",
     "check_ds_config",
     "compressed_all_reduce",

@@ -1,47 +1,111 @@
-"""Pieces both step agreements of the compressed all-reduce share: the coded form of levels,
-the padded all-gather of coded bytes, the torch-op quantizer of the non-CPU path, buffers."""
+"""The operations of the compressed all-reduce, each as a torch reference and a fused CPU kernel.
+
+Every operation exists twice: a torch version (any device; what CUDA tensors run, with the
+codec's Triton kernels for the coding) and a numba version for CPU tensors that fuses the
+passes (``kernels.py``). Both compute the same float32 values in the same order, so a CPU and
+a CUDA rank agree bit for bit; tests compare each pair.
+
+====================  ===========================  =========================================
+operation             torch reference              CPU kernel
+====================  ===========================  =========================================
+statistics (step 1)   ``add_and_block_stats_torch``  ``kernels.add_and_block_stats``
+steps (step 2)        ``block_steps_torch``        ``kernels.block_steps``
+quantize + code (3)   ``quantize_torch`` + codec   ``kernels.quantize_encode``
+decode + add (5)      ``codec.eg_decode`` + add    ``kernels.decode_add`` / ``codec.chunks``
+dequantize (5)        ``dequantize_torch``         ``kernels.dequantize_into`` (or fused in
+                                                   the last decode)
+====================  ===========================  =========================================
+
+Wire streams always carry the codec's CRC-32 (``WIRE_CHECKSUM``) and receivers require it: a
+flipped bit is refused instead of giving different gradients on different ranks.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from .. import codec
-from ..codec import api as codec_api
-from ..codec import cpu as codec_cpu
+from ..codec import chunks
 from . import kernels
 from .kernels import MAX_LEVEL
 from .rdoq import quantize_rdoq
 from .state import GCTState
 
-# torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single.
-all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
 EMPTY_F32 = np.empty(0, dtype=np.float32)
-# Worst case of one element's codes (runs mode: run + sign + ones count + value, each <= 63 bits)
-MAX_CODE_BYTES = 24
+WIRE_CHECKSUM = True  # every stream on the wire carries, and every receiver requires, a CRC-32
+FUSED_CPU = True  # False: CPU tensors take the torch path too (tests run it without a GPU)
 
 
-def code_bound(n: int, segments: int) -> int:
-    """Bytes the CPU kernels may write when they code n levels in ``segments`` streams: the
-    worst case (numba does not check bounds), with room for each chunk's partial last word."""
-    nwords = n // codec.DEFAULT_CHUNK + segments + 1
-    return MAX_CODE_BYTES * n + 8 * nwords + 64
+def fused(t: torch.Tensor) -> bool:
+    """Whether ``t`` takes the fused CPU kernels (else the torch reference path)."""
+    return FUSED_CPU and t.device.type == "cpu"
 
 
-def code_buffer(n: int, segments: int) -> np.ndarray:
-    """An output buffer of ``code_bound(n, segments)`` bytes."""
-    return np.empty(code_bound(n, segments), np.uint8)
+# ---- statistics (step 1) ---------------------------------------------------------------------
+def add_and_block_stats(
+    state: GCTState, flat: torch.Tensor, residual: torch.Tensor | None, block: int
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """What to quantize, the per-block message [rms, amax, non-finite flag] of v = flat +
+    residual (zeros but the flag when v holds an inf or NaN), and the sum of v^2 (a statistic;
+    None off the CPU, where the quantizer takes it).
+
+    On the CPU one pass that does not store v: it returns ``flat`` as float32 (the quantize
+    pass adds the residual again, cheaper than writing v and reading it back); elsewhere v
+    itself, from torch ops."""
+    n = flat.numel()
+    nb = -(-n // block)
+    msg = torch.empty(2 * nb + 1, dtype=torch.float32, device=flat.device)
+    if fused(flat):
+        x = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
+        res = residual.contiguous().numpy() if residual is not None else EMPTY_F32
+        m = msg.numpy()
+        vb = state.workspace("block", block, torch.float32).numpy()
+        v_sq = kernels.add_and_block_stats(x.numpy(), res, block, vb, m[:nb], m[nb : 2 * nb])
+        nonfinite = not np.isfinite(v_sq)
+    else:
+        x, rms, amax, nonfinite = add_and_block_stats_torch(flat, residual, block)
+        msg[:nb], msg[nb : 2 * nb] = rms, amax
+        v_sq = None
+    if nonfinite:
+        msg.zero_()
+    msg[-1] = 1.0 if nonfinite else 0.0
+    return x, msg, v_sq
 
 
+def add_and_block_stats_torch(
+    flat: torch.Tensor, residual: torch.Tensor | None, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """v = flat + residual (float32), its per-block RMS and max |v|, and whether v holds an inf
+    or NaN. The sums of squares are float64, as the CPU kernel takes them (float32 squares are
+    exact in float64), so both round the same RMS."""
+    v = flat.to(torch.float32, copy=True)
+    if residual is not None:
+        v += residual
+    full, tail = blocks(v, block)
+    amax = full.abs().amax(1)  # NaN propagates through amax; inf shows as inf
+    ms = full.double().square().sum(1) / block
+    if tail is not None:
+        amax = torch.cat([amax, tail.abs().amax().view(1)])
+        ms = torch.cat([ms, (tail.double().square().sum() / tail.numel()).view(1)])
+    nonfinite = not bool(torch.isfinite(amax.max()))
+    return v, ms.sqrt_().float(), amax, nonfinite
+
+
+def blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The full blocks of ``x`` as a (nb, block) view, and the shorter tail (or None)."""
+    nfull = x.numel() // block
+    tail = x[nfull * block :]
+    return x[: nfull * block].view(nfull, block), (tail if tail.numel() else None)
+
+
+# ---- steps (step 2) --------------------------------------------------------------------------
 def block_steps(state: GCTState, rms: torch.Tensor, amax: torch.Tensor, world: int):
-    """One quantization step per block from a per-block RMS and max |v| that every rank holds
-    alike (agreed, or from the previous call's headers), so every rank derives the same steps;
-    coarsened where the integer sums over ``world`` ranks could outgrow the codec (``world`` 1:
-    the levels of one rank). On CPU one numba call (``kernels.block_steps``) instead of ~8 torch
-    ops on small tensors (~0.2 ms a call); the same float32 results as ``block_steps_torch``."""
-    if rms.device.type != "cpu":
+    """One quantization step per block from the per-block RMS and max |v| every rank holds
+    alike after the agreement, so every rank derives the same steps; coarsened where the
+    integer sums over ``world`` ranks could outgrow the codec. On the CPU one numba call
+    instead of several torch ops on small tensors; the same float32 results."""
+    if not fused(rms):
         return block_steps_torch(state, rms, amax, world)
     steps = torch.empty_like(rms)
     kernels.block_steps(
@@ -67,6 +131,7 @@ def block_steps_torch(state: GCTState, rms: torch.Tensor, amax: torch.Tensor, wo
     return torch.where(torch.isfinite(steps), steps, torch.full_like(steps, 3e38))
 
 
+# ---- quantize + code (step 3) ----------------------------------------------------------------
 NARROW_BOUND = 120.0  # max |v| / step below this: every level fits int8 (|level| <= that + 1)
 
 
@@ -77,7 +142,7 @@ def level_buffer(
     ``narrow`` (only this rank's levels go in, no sums) and every level fits, else int32.
 
     Why: it is written by the quantize pass and read back by the decode, and on ranks sharing
-    memory bandwidth those 2 x 5 MB are a real part of the call; int8 moves a quarter. With
+    memory bandwidth that traffic is a real part of the call; int8 moves a quarter. With
     relative steps it nearly always fits: a block's max |v| is at most sqrt(block) times its
     RMS (64 for 4096-element blocks), so levels stay below ~64 / quant_step + 1.
     """
@@ -86,125 +151,141 @@ def level_buffer(
     return state.workspace("levels", n, torch.int32)
 
 
-def encode_chunk(q: torch.Tensor, state: GCTState) -> torch.Tensor:
-    """EG-code an int32 chunk into a self-describing uint8 tensor (the codec's byte format)."""
-    stream = codec.eg_encode(q, k=state.cfg.eg_order, runs=state.cfg.zero_runs)
-    return stream.to_tensor(checksum=False)  # the transport (TCP, NCCL) already checks bytes
+def rdoq_order(state: GCTState) -> int:
+    """The Exp-Golomb order RDOQ's rate model assumes (0 with per-chunk orders)."""
+    k = state.cfg.eg_order
+    return k if isinstance(k, int) else 0
 
 
-def decode_chunk(data: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`encode_chunk`: int32 values (``from_tensor`` has validated the stream)."""
-    return codec.eg_decode(codec.EGStream.from_tensor(data), validate=False)
-
-
-def stream_orders(
+def quantize_encode(
     state: GCTState,
-) -> tuple[tuple[int, int, int], int | str | tuple[int, int, int]]:
-    """(the kernels' three orders, -1 = per chunk; the ``k`` an EGStream records), as
-    ``codec.eg_encode`` derives them."""
-    k, runs = state.cfg.eg_order, state.cfg.zero_runs
-    ks = codec_api._orders(k, runs)
-    return ks, ("auto" if k == "auto" else ks if runs else ks[0])
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    steps: torch.Tensor,
+    block: int,
+    err: torch.Tensor | None,
+    bounds: list[int],
+    skip: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, float, float | None, list[torch.Tensor | None]]:
+    """Levels q of v = x + residual (on the CPU x excludes the residual; elsewhere it is v),
+    the new residual ``v - q * step`` and the coded segments ``bounds[r]:bounds[r + 1]`` (None
+    for ``skip``), each a wire stream (``encode_levels``'s bytes).
 
-
-def coded_tensor(
-    state: GCTState, out: np.ndarray, lo: int, hi: int, numel: int, bits, orders
-) -> torch.Tensor:
-    """The stream tensor (``encode_chunk``'s bytes) of a payload a CPU kernel wrote at
-    ``out[lo:hi]``, from its per-chunk bits and orders."""
-    _, kk = stream_orders(state)
-    seg_bits = torch.from_numpy(bits)
-    stream = codec.EGStream(
-        data=torch.from_numpy(out[lo:hi]),
-        numel=numel,
-        k=kk,
-        runs=bool(state.cfg.zero_runs),
-        nbits=int(seg_bits.sum()),
-        chunk_size=codec.DEFAULT_CHUNK,
-        chunk_bits=seg_bits,
-        orders=torch.from_numpy(orders),
+    On the CPU one fused pass writing the new residual into ``err`` (never the live residual:
+    the call may still fail); elsewhere torch ops and the codec. Returns (q, new residual or
+    None without error feedback, sum of err^2, sum of v^2 or None, coded)."""
+    if not fused(x):
+        q, new, err_sq, sig_sq = quantize_torch(state, x, steps, block)
+        coded = [
+            encode_levels(q[bounds[r] : bounds[r + 1]], state) if r != skip else None
+            for r in range(len(bounds) - 1)
+        ]
+        return q, new, err_sq, sig_sq, coded
+    cfg = state.cfg
+    n = x.numel()
+    q = state.workspace("levels", n, torch.int32)  # used up before this call returns
+    if err is None:
+        err = state.workspace("err", n, torch.float32)
+    chunk = codec.DEFAULT_CHUNK
+    nseg = len(bounds) - 1
+    heads = [chunks.head_size(-(-(bounds[r + 1] - bounds[r]) // chunk)) for r in range(nseg)]
+    out = np.empty(sum(heads) + chunks.code_bound(n, nseg), np.uint8)
+    k = rdoq_order(state)
+    seg_bytes, bits, orders, code, err_sq = kernels.quantize_encode(
+        x.numpy(),
+        residual.numpy() if residual is not None else EMPTY_F32,
+        steps.contiguous().numpy(),
+        block,
+        float(cfg.rdoq_mu),
+        k,
+        bool(cfg.zero_runs),
+        kernels.rdoq_thresholds(cfg.rdoq_mu, k, cfg.zero_runs),
+        np.asarray(bounds, np.int64),
+        skip,
+        chunk,
+        np.asarray(chunks.kernel_orders(cfg.eg_order, cfg.zero_runs), np.int64),
+        state.workspace("block", block, torch.float32).numpy(),
+        q.numpy(),
+        err.numpy(),
+        out[sum(heads) :],
     )
-    return stream.to_tensor(checksum=False)
-
-
-def blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The full blocks of ``x`` as a (nb, block) view, and the shorter tail (or None)."""
-    nfull = x.numel() // block
-    tail = x[nfull * block :]
-    return x[: nfull * block].view(nfull, block), (tail if tail.numel() else None)
-
-
-def block_stats(v: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Torch ops (the non-CPU path): per-block RMS and max |v| (float32), and whether v holds
-    an inf or NaN. The sums of squares are float64, as the CPU kernels take them (float32
-    products are exact in float64), so both paths round the same RMS: the same steps."""
-    full, tail = blocks(v, block)
-    amax = full.abs().amax(1)  # NaN propagates through amax; inf shows as inf
-    ms = full.double().square().sum(1) / block
-    if tail is not None:
-        amax = torch.cat([amax, tail.abs().amax().view(1)])
-        ms = torch.cat([ms, (tail.double().square().sum() / tail.numel()).view(1)])
-    nonfinite = not bool(torch.isfinite(amax.max()))
-    return ms.sqrt_().float(), amax, nonfinite
+    if code != 0:
+        raise ValueError(f"cannot encode the levels: {chunks.error_message(code)}")
+    coded: list[torch.Tensor | None] = []
+    c = 0
+    kk = chunks.stream_k(cfg.eg_order, cfg.zero_runs)
+    for r in range(nseg):
+        if r == skip:
+            coded.append(None)
+            continue
+        numel = bounds[r + 1] - bounds[r]
+        nch = -(-numel // chunk)
+        lo, hi = sum(heads) + seg_bytes[r], sum(heads) + seg_bytes[r + 1]
+        if nseg == 1:  # the payload follows the room left for its header: no copy
+            stream = out[: heads[0] + hi - lo]
+        else:  # the stream: header and tables, then the payload the kernel wrote
+            stream = np.empty(heads[r] + hi - lo, np.uint8)
+            stream[heads[r] :] = out[lo:hi]
+        chunks.write_stream_head(
+            stream, numel, kk, cfg.zero_runs, bits[c : c + nch], orders[c : c + nch], hi - lo,
+            checksum=WIRE_CHECKSUM,
+        )  # fmt: skip
+        coded.append(torch.from_numpy(stream))
+        c += nch
+    return q, err if cfg.error_feedback else None, float(err_sq), None, coded
 
 
 def quantize_torch(state: GCTState, v: torch.Tensor, steps: torch.Tensor, block: int):
-    """Torch ops (the non-CPU path; on CPU the reference the fused kernels are tested against):
-    levels q (int32), the new residual ``v - q * step`` (None without error feedback), and the
-    sums of err^2 and v^2 (statistics)."""
+    """Torch ops (the non-CPU path; on the CPU the reference the fused kernel is tested
+    against): levels q (int32), the new residual ``v - q * step`` (None without error feedback),
+    and the sums of err^2 and v^2 (statistics)."""
     cfg = state.cfg
-    k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0
     n = v.numel()
     step = steps.repeat_interleave(block)[:n] if steps.numel() > 1 else float(steps[0])
-    q = quantize_rdoq(v, step, cfg.rdoq_mu, k, cfg.zero_runs)
+    q = quantize_rdoq(v, step, cfg.rdoq_mu, rdoq_order(state), cfg.zero_runs)
     err = v - q.to(torch.float32) * step
     return (q, err if cfg.error_feedback else None, *square_sums(v, err))
 
 
 def square_sums(v: torch.Tensor, err: torch.Tensor) -> tuple[float, float]:
-    """Sum of err^2 and of v^2 (statistics): BLAS dot products, ~4x faster than a numba loop."""
+    """Sum of err^2 and of v^2 (statistics): BLAS dot products."""
     return float(torch.dot(err, err)), float(torch.dot(v, v))
 
 
-def gather_coded(parts: list[torch.Tensor], group, world: int):
-    """All-gather of each rank's coded bytes (``parts`` joined), padded to the longest (the
-    padding is sent).
-
-    Returns (gathered, lengths, width): rank r's bytes are gathered[r * width:][:lengths[r]];
-    ``gathered`` ends with ``codec_cpu.PAD`` zero bytes more (the CPU decoder reads ahead).
-    """
-    dev = parts[0].device
-    own = sum(p.numel() for p in parts)
-    lens = torch.empty(world, dtype=torch.int64, device=dev)
-    all_gather(lens, torch.tensor([own], dtype=torch.int64, device=dev), group=group)
-    lens_l = lens.tolist()
-    width = max(lens_l)
-    if own < width:
-        parts = [*parts, torch.zeros(width - own, dtype=torch.uint8, device=dev)]
-    coded = parts[0] if len(parts) == 1 else torch.cat(parts)
-    gathered = with_slack(world * width, dev)
-    all_gather(gathered[: world * width], coded, group=group)
-    return gathered, lens_l, width
+def encode_levels(q: torch.Tensor, state: GCTState) -> torch.Tensor:
+    """The wire stream of int32 levels: the codec's self-describing bytes with the CRC-32."""
+    stream = codec.eg_encode(q, k=state.cfg.eg_order, runs=state.cfg.zero_runs)
+    return stream.to_tensor(checksum=WIRE_CHECKSUM)
 
 
+# ---- decode + add, dequantize (step 5) -------------------------------------------------------
 def with_slack(n: int, dev: torch.device) -> torch.Tensor:
-    """An uninitialized uint8 buffer of n bytes followed by ``codec_cpu.PAD`` zero bytes."""
-    buf = torch.empty(n + codec_cpu.PAD, dtype=torch.uint8, device=dev)
+    """An uninitialized uint8 buffer of n bytes followed by ``chunks.PAD`` zero bytes (the CPU
+    decoder reads ahead)."""
+    buf = torch.empty(n + chunks.PAD, dtype=torch.uint8, device=dev)
     buf[n:].zero_()
     return buf
 
 
-def decode_add_cpu(
-    buf: torch.Tensor, offset: int, length: int, q: torch.Tensor, finish=None
-) -> None:
-    """q += the levels of the stream at ``buf[offset:offset + length]`` (CPU), which must be
-    followed by at least ``codec_cpu.PAD`` bytes of ``buf``; ValueError if it is malformed or
-    does not match q. ``finish = (steps, block, world, average, out)``: instead of storing the
-    sums in q, write them dequantized into ``out`` (float32), as ``_dequantize`` would."""
-    stream = received_stream(buf, offset, length, q.numel())
+def decode_add(buf: torch.Tensor, offset: int, length: int, q: torch.Tensor, finish=None) -> None:
+    """q += the levels of the wire stream at ``buf[offset:offset + length]`` (a buffer from
+    ``with_slack``, or one with at least ``chunks.PAD`` bytes after the stream); ValueError if
+    it is malformed, fails its checksum or does not match q.
+
+    ``finish = (steps, block, world, average, out)``: instead of storing the sums in q, write
+    them dequantized into ``out`` (float32), as ``dequantize`` would (CPU: in the same pass)."""
+    stream = chunks.read_stream(
+        buf[offset : offset + length], q.numel(), require_checksum=WIRE_CHECKSUM
+    )
+    if not fused(q):
+        q += codec.eg_decode(stream, validate=False)
+        if finish is not None:
+            steps, block, world, average, out = finish
+            out.copy_(dequantize_torch(q, steps, block, world, average))
+        return
     bits = stream.chunk_bits.numpy()
     payload = offset + length - stream.data.numel()
-    data = buf.numpy()[payload : offset + length + codec_cpu.PAD]
+    data = buf.numpy()[payload : offset + length + chunks.PAD]
     steps, block, world, average, out = finish or (None, 1, 1, False, None)
     code, c = kernels.decode_add(
         data,
@@ -212,7 +293,7 @@ def decode_add_cpu(
         stream.runs,
         bits,
         stream.orders.contiguous().numpy(),
-        codec_cpu.chunk_starts(bits),
+        chunks.chunk_starts(bits),
         q.numpy(),
         finish is not None,
         steps.contiguous().numpy() if finish else EMPTY_F32,
@@ -222,13 +303,31 @@ def decode_add_cpu(
         out.numpy() if finish else EMPTY_F32,
     )
     if code != 0:
-        raise ValueError(f"cannot decode a received stream: {codec_cpu.error_message(code, c)}")
+        raise ValueError(f"cannot decode a received stream: {chunks.error_message(code, c)}")
 
 
-def received_stream(buf: torch.Tensor, offset: int, length: int, numel: int) -> codec.EGStream:
-    """The stream at ``buf[offset:offset + length]``, its tables validated; ValueError if it
-    does not hold ``numel`` levels."""
-    stream = codec.EGStream.from_tensor(buf[offset : offset + length])
-    if stream.numel != numel:
-        raise ValueError(f"received a stream of {stream.numel} levels, expected {numel}")
-    return stream
+def dequantize(
+    sums: torch.Tensor, steps: torch.Tensor, block: int, world: int, average: bool, out
+) -> torch.Tensor:
+    """The float32 result ``sums * step`` (/ world), identical on every rank; written into
+    ``out`` when it is a float32 CPU tensor (saves a pass), else returned."""
+    if not fused(sums):
+        return dequantize_torch(sums, steps, block, world, average)
+    if out is None or out.dtype != torch.float32:
+        out = torch.empty(sums.numel(), dtype=torch.float32)
+    kernels.dequantize_into(
+        sums.numpy(), steps.contiguous().numpy(), block, world, average, out.numpy()
+    )
+    return out
+
+
+def dequantize_torch(
+    sums: torch.Tensor, steps: torch.Tensor, block: int, world: int, average: bool
+) -> torch.Tensor:
+    """``dequantize`` with torch ops (any device)."""
+    n = sums.numel()
+    step = steps.repeat_interleave(block)[:n] if steps.numel() > 1 else float(steps[0])
+    out = sums.to(torch.float32) * step
+    if average:
+        out /= world
+    return out

@@ -1,13 +1,12 @@
 """The direct exchange: a CPU bucket's coded levels sent point to point, in pieces (gloo).
 
 ``compressed_all_reduce``'s all-gather exchange uses it when the group's backend is gloo and the
-bucket lives on the CPU (other backends, e.g. NCCL, keep the collectives of
-``common.gather_coded``). Each rank sends its per-block statistics and then its coded levels to
-every other rank with ``isend`` / ``irecv``. Why, measured on the 2-core VM (docs/gct.md):
+bucket lives on the CPU (other backends, e.g. NCCL, keep the collectives of ``exchange.py``).
+Each rank sends its per-block statistics, then its coded levels, then its verdict flags to every
+other rank with ``isend`` / ``irecv``. Why (measurements in docs/gct.md):
 
 * A gloo collective hands the work to the process group's worker thread and back; with ranks on
-  shared cores every hand-off is a wake-up. A tiny MAX all-reduce took 0.6-0.8 ms (median), an
-  isend/irecv pair 0.3 ms.
+  shared cores every hand-off is a wake-up, which costs more than an isend/irecv pair.
 * No lengths go first: gloo receives a message into a larger buffer (here the worst case of the
   codes), and the stream's header says how many bytes arrived (``stream_size``). The all-gather
   needed an all-gather of the lengths before the payload, and padded every payload to the
@@ -21,7 +20,6 @@ the result is the same bit for bit (a test compares them).
 
 from __future__ import annotations
 
-import time
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,37 +27,20 @@ import torch
 import torch.distributed as dist
 
 from .. import codec
-from ..codec import cpu as codec_cpu
-from ..codec import stream as codec_stream
-from . import kernels
-from .common import EMPTY_F32, code_bound, decode_add_cpu, level_buffer, stream_orders
+from ..codec import chunks
+from . import common, kernels
+from .common import EMPTY_F32, decode_add, level_buffer, rdoq_order
+from .exchange import Call, Exchange
 from .state import GCTState
 
-__all__ = [
-    "DirectResult",
-    "Posted",
-    "abandon",
-    "all_gather_sum",
-    "max_over_ranks",
-    "piece_bounds",
-    "post",
-    "usable",
-]
+__all__ = ["MAX_PIECES", "MIN_PIECE", "Direct", "piece_bounds", "usable"]
 
-# Tags of this module's messages: _TAG for the block statistics, _TAG + 1 + p for piece p.
+# Tags of this module's messages: _TAG for the block statistics, _TAG + 1 + p for piece p,
+# _VERDICT_TAG for the verdict flags.
 _TAG = 0x4743
 MIN_PIECE = 1 << 20  # elements: a piece much smaller costs more in messages than it overlaps
 MAX_PIECES = 4
-
-
-class DirectResult(NamedTuple):
-    q: torch.Tensor  # this rank's levels (the workspace; used up when the call returns)
-    err_sq: float  # sum of the new residual's squares (a statistic)
-    bytes_sent: int
-    bytes_received: int
-    encode_s: float
-    comm_s: float  # waiting for messages
-    decode_s: float
+_VERDICT_TAG = _TAG + 1 + MAX_PIECES
 
 
 def usable(group, tensor: torch.Tensor) -> bool:
@@ -68,63 +49,186 @@ def usable(group, tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and dist.get_backend(group) == "gloo"
 
 
-def _peers(me: int, world: int) -> list[int]:
-    return [r for r in range(world) if r != me]
+class _Posted(NamedTuple):
+    """The receives of one call, posted before its statistics pass (see ``Direct.begin``)."""
 
-
-class Posted(NamedTuple):
-    """The receives of one call, posted before its statistics pass (see ``post``)."""
-
-    peers: list[int]
     cuts: list[int]  # piece bounds
     stats: list[tuple[torch.Tensor, Any]]  # per peer: buffer, work
     pieces: dict[tuple[int, int], tuple[torch.Tensor, Any]]  # (piece, peer): buffer, work
 
 
-def post(state: GCTState, n: int, block: int, msg_numel: int, group, me: int, world: int):
-    """Post every receive of a call on an n-element bucket at its start: the peers' statistics
-    and each piece of their coded levels.
+class Direct(Exchange):
+    """The all-gather exchange point to point (gloo, CPU buckets)."""
 
-    Why first: gloo writes a message inline in the sender's ``isend`` only if the receive is
-    posted already (otherwise it waits for a round trip and the receiver's device thread), and
-    posting takes the connection's lock, which the device thread holds while it reads a
-    message: done before any message flows, it contends with nothing.
-    """
-    peers = _peers(me, world)
-    cuts = piece_bounds(n, block)
-    stats = []
-    for r in peers:
-        buf = state.workspace(f"direct_stats{r}", msg_numel, torch.float32)
-        stats.append((buf, dist.irecv(buf, group=group, group_src=r, tag=_TAG)))
-    pieces = {}
-    for p in range(len(cuts) - 1):
-        cap = _capacity(cuts[p + 1] - cuts[p]) + codec_cpu.PAD  # the decoder reads ahead
-        for r in peers:
-            buf = state.workspace(f"direct_recv{p}_{r}", cap, torch.uint8)
-            pieces[p, r] = buf, dist.irecv(buf, group=group, group_src=r, tag=_TAG + 1 + p)
-    return Posted(peers, cuts, stats, pieces)
+    name = "direct"
+
+    def __init__(self, group: Any, me: int, world: int) -> None:
+        super().__init__(group, me, world)
+        self.peers = [r for r in range(world) if r != me]
+        self.posted: _Posted | None = None
+
+    def begin(self, state: GCTState, n: int, block: int, msg_numel: int) -> None:
+        """Post every receive of the call on an n-element bucket: the peers' statistics and
+        each piece of their coded levels.
+
+        Why first: gloo writes a message inline in the sender's ``isend`` only if the receive is
+        posted already (otherwise it waits for a round trip and the receiver's device thread),
+        and posting takes the connection's lock, which the device thread holds while it reads a
+        message: done before any message flows, it contends with nothing.
+        """
+        g = self.group
+        cuts = piece_bounds(n, block)
+        stats = []
+        for r in self.peers:
+            buf = state.workspace(f"direct_stats{r}", msg_numel, torch.float32)
+            stats.append((buf, dist.irecv(buf, group=g, group_src=r, tag=_TAG)))
+        pieces = {}
+        for p in range(len(cuts) - 1):
+            cap = chunks.stream_capacity(cuts[p + 1] - cuts[p]) + chunks.PAD  # decoder reads ahead
+            for r in self.peers:
+                buf = state.workspace(f"direct_recv{p}_{r}", cap, torch.uint8)
+                pieces[p, r] = buf, dist.irecv(buf, group=g, group_src=r, tag=_TAG + 1 + p)
+        self.posted = _Posted(cuts, stats, pieces)
+
+    def max_over_ranks(self, msg: torch.Tensor) -> int:
+        """``msg`` becomes the elementwise maximum over the ranks (the same on all of them: a
+        maximum does not depend on the order), by one message to and from each other rank."""
+        assert self.posted is not None
+        self._max(msg, self.posted.stats, _TAG, self.outgoing(msg))
+        return msg.numel() * 4 * len(self.peers)
+
+    def agree_flags(self, flags: torch.Tensor) -> int:
+        recvs = []
+        for r in self.peers:
+            buf = torch.empty_like(flags)
+            recvs.append((buf, dist.irecv(buf, group=self.group, group_src=r, tag=_VERDICT_TAG)))
+        self._max(flags, recvs, _VERDICT_TAG)
+        return flags.numel() * 8 * len(self.peers)
+
+    def _max(self, t: torch.Tensor, recvs: list[tuple[torch.Tensor, Any]], tag: int, send=None):
+        """t = max(t, every peer's message), sending ``send`` (default: t) to every peer."""
+        send = t if send is None else send
+        sends = [dist.isend(send, group=self.group, group_dst=r, tag=tag) for r in self.peers]
+        for w in [w for _, w in recvs] + sends:
+            w.wait()
+        for buf, _ in recvs:
+            torch.maximum(t, buf, out=t)
+
+    def abandon(self) -> None:
+        """One byte per posted piece receive goes to each peer, so every receive completes and
+        the next call's messages meet the next call's receives."""
+        assert self.posted is not None
+        token = torch.zeros(1, dtype=torch.uint8)
+        pieces = self.posted.pieces
+        sends = [
+            dist.isend(token, group=self.group, group_dst=r, tag=_TAG + 1 + p) for p, r in pieces
+        ]
+        for w in [w for _, w in pieces.values()] + sends:
+            w.wait()
+
+    def reduce(self, call: Call) -> None:
+        """Steps 3-5 piece by piece: quantize and code piece p (3) and send it to every peer
+        (4) while the next piece is coded; then wait for each peer's pieces (4) and decode and
+        add them (5), the last peer's decode writing the dequantized result."""
+        assert self.posted is not None
+        st, cfg, world = call.state, call.state.cfg, self.world
+        n, block = call.n, call.block
+        chunk = codec.DEFAULT_CHUNK
+        cuts, peers, recvs = self.posted.cuts, self.peers, self.posted.pieces
+        ks = np.asarray(chunks.kernel_orders(cfg.eg_order, cfg.zero_runs), np.int64)
+        kk = chunks.stream_k(cfg.eg_order, cfg.zero_runs)
+        k = rdoq_order(st)
+        th = kernels.rdoq_thresholds(cfg.rdoq_mu, k, cfg.zero_runs)
+        # two ranks: the decode forms the sums in its own buffer, q holds our levels alone
+        q = level_buffer(st, n, call.amax, call.steps, narrow=len(peers) == 1)
+        err = call.err if call.err is not None else st.workspace("err", n, torch.float32)
+        xn, sn, qn, en = call.x.numpy(), call.steps.contiguous().numpy(), q.numpy(), err.numpy()
+        rn = call.residual.numpy() if call.residual is not None else EMPTY_F32
+        vb = st.workspace("block", block, torch.float32).numpy()
+        sends, sent, err_sq = [], 0, 0.0
+        for p in range(len(cuts) - 1):
+            # 3. Quantize and code piece p into its send buffer, after room for the header.
+            lo, hi = cuts[p], cuts[p + 1]
+            m = hi - lo
+            head = chunks.head_size(-(-m // chunk))
+            buf = st.workspace(f"direct_send{p}", chunks.stream_capacity(m), torch.uint8)
+            bn = buf.numpy()
+            seg_bytes, bits, orders, code, esq = kernels.quantize_encode(
+                xn[lo:hi],
+                rn[lo:hi] if call.residual is not None else rn,
+                sn[lo // block :],
+                block,
+                float(cfg.rdoq_mu),
+                k,
+                bool(cfg.zero_runs),
+                th,
+                np.asarray([0, m], np.int64),
+                -1,
+                chunk,
+                ks,
+                vb,
+                qn[lo:hi],
+                en[lo:hi],
+                bn[head:],
+            )
+            if code != 0:
+                raise ValueError(f"cannot encode the levels: {chunks.error_message(code)}")
+            err_sq += esq
+            size = chunks.write_stream_head(
+                bn,
+                m,
+                kk,
+                cfg.zero_runs,
+                bits,
+                orders,
+                int(seg_bytes[1]),
+                checksum=common.WIRE_CHECKSUM,
+            )
+            # 4. Send it to every peer.
+            msg, g = self.outgoing(buf[:size]), self.group
+            sends += [dist.isend(msg, group=g, group_dst=r, tag=_TAG + 1 + p) for r in peers]
+            sent += size * len(peers)
+        call.timings.lap("encode")
+        received = 0
+        for p in range(len(cuts) - 1):
+            lo, hi = cuts[p], cuts[p + 1]
+            for r in peers:  # integer sums: the order does not matter
+                # 4. Wait for peer r's piece p.
+                buf, work = recvs[p, r]
+                work.wait()
+                call.timings.lap("comm")
+                # 5. Decode it and add its levels to ours; the last peer's decode writes the
+                #    dequantized result (no pass over the sums).
+                fin = (call.steps[lo // block :], block, world, call.average, call.out[lo:hi])
+                fin = fin if r == peers[-1] else None
+                call.receive(r, _decode_piece, buf, hi - lo, q[lo:hi], fin)
+                received += _claimed_size(buf)
+                call.timings.lap("decode")
+        for w in sends:  # the send buffers are reused by the next call
+            w.wait()
+        call.timings.lap("comm")
+        call.result = call.out
+        call.new_residual = call.err if cfg.error_feedback else None
+        call.err_sq = err_sq
+        call.bytes_sent, call.bytes_received = sent, received
+        self.posted = None
 
 
-def max_over_ranks(msg: torch.Tensor, posted: Posted, group) -> None:
-    """``msg`` becomes the elementwise maximum over the group's ranks (the same on all of them:
-    a maximum does not depend on the order), by one message to and from each other rank."""
-    sends = [dist.isend(msg, group=group, group_dst=r, tag=_TAG) for r in posted.peers]
-    for w in [w for _, w in posted.stats] + sends:
-        w.wait()
-    for buf, _ in posted.stats:
-        torch.maximum(msg, buf, out=msg)
+def _decode_piece(buf: torch.Tensor, m: int, q: torch.Tensor, fin) -> None:
+    """q += the levels of the stream at the start of the receive buffer ``buf``, which says its
+    own size; ValueError if that exceeds what was received or the stream is bad."""
+    size = chunks.stream_size(buf.numpy())
+    if size > buf.numel() - chunks.PAD:
+        raise ValueError(f"a stream of {size} bytes for {m} levels")
+    decode_add(buf, 0, size, q, fin)
 
 
-def abandon(posted: Posted, group) -> None:
-    """End a call that sends no levels (a non-finite gradient, seen by every rank alike): one
-    byte per posted piece receive goes to each peer, so every receive completes and the next
-    call's messages meet the next call's receives."""
-    token = torch.zeros(1, dtype=torch.uint8)
-    sends = [
-        dist.isend(token, group=group, group_dst=r, tag=_TAG + 1 + p) for p, r in posted.pieces
-    ]
-    for w in [w for _, w in posted.pieces.values()] + sends:
-        w.wait()
+def _claimed_size(buf: torch.Tensor) -> int:
+    """The size a received stream's header claims (0 if it is no stream header)."""
+    try:
+        return chunks.stream_size(buf.numpy())
+    except ValueError:
+        return 0
 
 
 def piece_bounds(n: int, block: int) -> list[int]:
@@ -137,104 +241,3 @@ def piece_bounds(n: int, block: int) -> list[int]:
     per = -(-n // pieces)
     per = -(-per // unit) * unit
     return [*range(0, n, per), n]
-
-
-def _capacity(m: int) -> int:
-    """Bytes a stream of m levels may take: header, tables and the kernels' worst case."""
-    return codec_stream.head_size(-(-m // codec.DEFAULT_CHUNK)) + code_bound(m, 1)
-
-
-def all_gather_sum(
-    state: GCTState,
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    steps: torch.Tensor,
-    amax: torch.Tensor,
-    block: int,
-    err: torch.Tensor,
-    group,
-    me: int,
-    world: int,
-    average: bool,
-    out: torch.Tensor,
-    posted: Posted,
-) -> DirectResult:
-    """Quantize v = x + residual (float32, CPU) with the agreed ``steps`` (the new residual into
-    ``err``, which may be ``residual``; ``amax``: the agreed per-block max |v|), send the coded
-    levels to every other rank piece by piece, and write into ``out`` (float32) the sum over
-    ranks dequantized (/ world if ``average``); the receives are ``post``'s."""
-    cfg = state.cfg
-    n = x.numel()
-    chunk = codec.DEFAULT_CHUNK
-    cuts, peers, recvs = posted.cuts, posted.peers, posted.pieces
-    ks, kk = stream_orders(state)
-    k = cfg.eg_order if isinstance(cfg.eg_order, int) else 0  # RDOQ's rate model
-    th = kernels.rdoq_thresholds(cfg.rdoq_mu, k, cfg.zero_runs)
-    # two ranks: the decode forms the sums in its own buffer, q holds our levels alone
-    q = level_buffer(state, n, amax, steps, narrow=len(peers) == 1)
-    xn, sn, qn, en = x.numpy(), steps.contiguous().numpy(), q.numpy(), err.numpy()
-    rn = residual.numpy() if residual is not None else EMPTY_F32
-    vb = state.workspace("block", block, torch.float32).numpy()
-    t0 = time.perf_counter()
-    sends, sent, err_sq = [], 0, 0.0
-    for p in range(len(cuts) - 1):
-        lo, hi = cuts[p], cuts[p + 1]
-        m = hi - lo
-        head = codec_stream.head_size(-(-m // chunk))
-        buf = state.workspace(f"direct_send{p}", _capacity(m), torch.uint8)
-        bn = buf.numpy()
-        seg_bytes, bits, orders, code, esq = kernels.quantize_encode(
-            xn[lo:hi],
-            rn[lo:hi] if residual is not None else rn,
-            sn[lo // block :],
-            block,
-            float(cfg.rdoq_mu),
-            k,
-            bool(cfg.zero_runs),
-            th,
-            np.asarray([0, m], np.int64),
-            -1,
-            chunk,
-            np.asarray(ks, np.int64),
-            vb,
-            qn[lo:hi],
-            en[lo:hi],
-            bn[head:],
-        )
-        if code != 0:
-            raise ValueError(f"cannot encode the levels: {codec_cpu.error_message(code, -1)}")
-        err_sq += esq
-        size = codec_stream.write_head(bn, m, kk, cfg.zero_runs, chunk, bits, orders, seg_bytes[1])
-        sends += [dist.isend(buf[:size], group=group, group_dst=r, tag=_TAG + 1 + p) for r in peers]
-        sent += size * len(peers)
-    t1 = time.perf_counter()
-    received, comm_s, decode_s = 0, 0.0, 0.0
-    for p in range(len(cuts) - 1):
-        lo, hi = cuts[p], cuts[p + 1]
-        for r in peers:  # integer sums: the order does not matter
-            buf, work = recvs[p, r]
-            ta = time.perf_counter()
-            work.wait()
-            tb = time.perf_counter()
-            # the last peer's decode writes the dequantized result (no pass over the sums)
-            fin = (steps[lo // block :], block, world, average, out[lo:hi])
-            try:
-                size = codec_stream.stream_size(buf.numpy())
-                if size > buf.numel() - codec_cpu.PAD:
-                    raise ValueError(f"a stream of {size} bytes for {hi - lo} levels")
-                decode_add_cpu(buf, 0, size, q[lo:hi], fin if r == peers[-1] else None)
-            except ValueError as e:
-                # every other message of the call still lands, so the connection stays usable
-                # (a gloo work waited twice waits for a second message)
-                rest = list(recvs)[list(recvs).index((p, r)) + 1 :]
-                for w in [recvs[key][1] for key in rest] + sends:
-                    w.wait()
-                raise ValueError(f"rank {r}'s piece {p}: {e}") from None
-            received += size
-            comm_s += tb - ta
-            decode_s += time.perf_counter() - tb
-    ta = time.perf_counter()
-    for w in sends:  # the send buffers are reused by the next call
-        w.wait()
-    comm_s += time.perf_counter() - ta
-    return DirectResult(q, err_sq, sent, received, t1 - t0, comm_s, decode_s)

@@ -1,8 +1,9 @@
 """Fused CPU passes of the compressed all-reduce (numba, one thread, no temporaries).
 
-Each torch op over a 1.3M-element gradient is a full memory pass plus an allocation; the
-all-reduce used ~15 of them around the codec. These kernels do the work in three passes:
-(residual add + per-block statistics), (quantize + residual + EG coding, chunk by chunk), and
+Each torch op over a gradient bucket is a full memory pass plus an allocation, and the
+all-reduce needs about fifteen of them around the codec. These kernels do the work in three
+passes: (residual add + per-block statistics), (quantize + residual + EG coding, chunk by
+chunk), and
 (decode each received chunk, add, dequantize into the output); ``dequantize_into`` serves the
 reduce-scatter exchange. float32 arithmetic matches the torch path's operation order, so the
 levels and the result are the same on every rank (every rank runs the same code on the same
@@ -16,15 +17,13 @@ import functools
 import numba
 import numpy as np
 
-from ..codec import cpu as codec_cpu
+from ..codec import chunks
 from .rdoq import RUN_BITS
 
 __all__ = [
     "add_and_block_stats",
-    "add_quantize_encode",
     "block_steps",
     "decode_add",
-    "decode_weighted_sum",
     "dequantize_into",
     "quantize_encode",
 ]
@@ -34,7 +33,7 @@ __all__ = [
 def add_and_block_stats(x, res, block, vb, rms, amax):
     """Per block of v = x + res (res may be empty): RMS and max |v| (``_stats``). v goes through
     the block-sized scratch ``vb`` only, never to memory: the quantize pass adds again, which is
-    cheaper than writing 5 MB and reading them back when the ranks share the memory bandwidth.
+    cheaper than writing v and reading it back when the ranks share the memory bandwidth.
     Returns the sum of v^2 (float64): inf or NaN iff v holds an inf or NaN (finite squares
     cannot overflow float64)."""
     n = x.size
@@ -89,7 +88,6 @@ _I32 = np.int32
 # Largest |level| (or integer sum of levels) a step may leave: headroom below the codec's
 # MAX_ABS (2^30 - 1). A step is at least max|v| x world / MAX_LEVEL.
 MAX_LEVEL = 2**29
-_LEVEL_GUARD = np.float32(1.0 / MAX_LEVEL)  # world 1: the levels alone (steps of one rank)
 
 
 @numba.njit(cache=True, inline="always")
@@ -107,7 +105,7 @@ def _grows(fl, inv, runs):
 
     m is computed in float32 (exact: power-of-two scaling and floor; for levels >= 2^23,
     where 2 fl - 1 would round, the fraction is 0 and no threshold matters) and compared as
-    int32: numba widens integer shifts to int64, which does not vectorize well (3x slower).
+    int32: numba widens integer shifts to int64, which does not vectorize well.
     """
     one = _I32(1)
     if runs:
@@ -147,8 +145,8 @@ def rdoq_thresholds(mu: float, k: int, runs: bool) -> np.ndarray:
 
     The rate model's cost difference between consecutive levels takes only these values, so
     the quantizer picks one per element by arithmetic (``_grows``) instead of a table
-    look-up (a gather, which did not vectorize: 2 ms of the 3.5 ms RDOQ pass per 1.3M
-    elements). Checked here against the exact threshold of every level below 2^16.
+    look-up (a gather, which does not vectorize). Checked here against the exact threshold of
+    every level below 2^16.
     """
     mu, k, runs = float(mu), int(k), bool(runs)
     th = np.array(
@@ -170,9 +168,9 @@ def rdoq_thresholds(mu: float, k: int, runs: bool) -> np.ndarray:
 def _quantize_range(vv, s, th, mu, k, runs, qq, ee):
     """qq = RDOQ (mu > 0) or round-half-even (mu = 0) of vv / s, ee = vv - qq * s (equal sizes).
 
-    One loop without calls, branches, look-ups or 64-bit lanes, so LLVM vectorizes it 8 wide
-    (3-4x faster than the table look-up it replaced). RDOQ rounds |y| = lev + f up iff f exceeds the
-    level's threshold (``rdoq_thresholds``). Levels fit int32: the steps keep them below 2^29.
+    One loop without calls, branches, look-ups or 64-bit lanes, so LLVM vectorizes it 8 wide.
+    RDOQ rounds |y| = lev + f up iff f exceeds the level's threshold (``rdoq_thresholds``).
+    Levels fit int32: the steps keep them below 2^29.
     """
     if mu > 0:
         inv = np.float32(2.0**-k)
@@ -248,7 +246,6 @@ def quantize_encode(
     bits = np.zeros(nchunks, np.int64)
     orders = np.zeros((nchunks, 3), np.uint8)
     seg_bytes = np.zeros(nseg + 1, np.int64)
-    auto = ko[0] < 0 or ko[1] < 0 or ko[2] < 0
     has_res = res.size == x.size
     p = np.uint64(0)
     c = 0
@@ -271,7 +268,7 @@ def quantize_encode(
             err_sq += _sum_squares(err[lo:hi])
             if s == skip:
                 continue
-            p, code = _code_chunk(q, lo, hi, runs, ko, auto, out, p, bits, orders, c)
+            p, code = _code_chunk(q, lo, hi, runs, ko, out, p, bits, orders, c)
             if code != 0:
                 return seg_bytes, bits, orders, code, err_sq
             c += 1
@@ -280,33 +277,24 @@ def quantize_encode(
 
 
 @numba.njit(cache=True, inline="always")
-def _code_chunk(q, lo, hi, runs, ko, auto, out, p, bits, orders, c):
-    """EG-code q[lo:hi] at byte p of ``out`` as codec chunk c (orders ``ko``, or the best per
-    chunk if ``auto``), recording its bits and orders. Returns (next byte, error code)."""
-    if auto:
-        if runs:
-            k0, k1, k2, _, code = codec_cpu._chunk_stats_runs(q, lo, hi, ko[0], ko[1], ko[2])
-        else:
-            k0, _, code = codec_cpu._chunk_stats_plain(q, lo, hi, ko[0])
-            k1 = 0
-            k2 = 0
-        if code != 0:
-            return p, code
-    else:
-        k0, k1, k2 = ko[0], ko[1], ko[2]
+def _code_chunk(q, lo, hi, runs, ko, out, p, bits, orders, c):
+    """EG-code q[lo:hi] at byte p of ``out`` as codec chunk c (orders ``ko``; -1: the best for
+    the chunk), recording its bits and orders. Returns (next byte, error code)."""
+    p, nbits, k0, k1, k2, code = chunks.encode_chunk(q, lo, hi, runs, ko, out, p)
+    if code != 0:
+        return p, code
     orders[c, 0] = k0
     orders[c, 1] = k1
     orders[c, 2] = k2
-    p, bits[c] = codec_cpu._encode_chunk(q, lo, hi, runs, k0, k1, k2, out, p)
+    bits[c] = nbits
     return p, 0
 
 
 @numba.njit(cache=True, inline="always")
 def _block_step(rms, amax, relative, quant_step, guard):
-    """A block's step from an RMS and max |v| (agreed, this rank's own, or the basis all ranks
-    share), as ``common.block_steps`` computes it with torch ops (float32 products);
-    ``guard`` = world / MAX_LEVEL keeps the integer sums of ``world`` ranks' levels in the
-    codec's range."""
+    """A block's step from the agreed RMS and max |v|, as ``common.block_steps_torch``
+    computes it (float32 products); ``guard`` = world / MAX_LEVEL keeps the integer sums of
+    ``world`` ranks' levels in the codec's range."""
     s = rms * quant_step if relative else quant_step
     if not s > 0:
         s = np.float32(1.0)  # an all-zero block: any step
@@ -385,140 +373,9 @@ def _sum_squares(a):
 
 
 @numba.njit(cache=True, nogil=True)
-def add_quantize_encode(
-    x,
-    res,
-    block,
-    relative,
-    quant_step,
-    basis,
-    mu,
-    k,
-    runs,
-    th,
-    chunk,
-    ko,
-    vb,
-    q,
-    err,
-    steps,
-    rms,
-    out,
-):
-    """The pass of steps set without a collective (``previous_steps.py``): for each block, v = x +
-    res (into the block buffer ``vb``, so it is read back from cache), its RMS (``rms[b]``) and
-    max |v|, the block's step (``steps[b]``: from ``basis[b]``, the RMS all ranks agreed on in
-    the previous call, or without a basis from this RMS), the levels and residual as
-    ``quantize_encode`` makes them, and the EG coding of every codec chunk as soon as its
-    levels are complete. One pass over memory: x and res are read once, err and q written
-    once; nothing waits for other ranks.
-
-    Returns (non-finite, payload bytes, chunk bits, chunk orders, error code, sum of v^2, sum of
-    err^2). On a
-    non-finite block it stops at once (the caller sends only the flag); ``err`` may then be
-    partly written, which is why the caller never passes the live residual as ``err``.
-    """
-    n = x.size
-    has_res = res.size == n
-    has_basis = basis.size == steps.size
-    nchunks = (n + chunk - 1) // chunk
-    bits = np.zeros(nchunks, np.int64)
-    orders = np.zeros((nchunks, 3), np.uint8)
-    auto = ko[0] < 0 or ko[1] < 0 or ko[2] < 0
-    qs = np.float32(quant_step)
-    mbits = np.zeros(1, np.int32)  # max |v| of a block, as bits, then as float32
-    vsq = esq = 0.0
-    p = np.uint64(0)
-    c = 0
-    for b in range(steps.size):
-        lo = b * block
-        hi = min(lo + block, n)
-        v = vb[: hi - lo]
-        ss, mbits[0] = _add_and_stats(x[lo:hi], res[lo:hi] if has_res else res, v)
-        m = mbits.view(np.float32)[0]
-        if not np.isfinite(ss):  # an inf or NaN (finite squares cannot overflow float64)
-            return True, 0, bits, orders, 0, vsq, esq
-        vsq += ss
-        r = np.float32(np.sqrt(ss / (hi - lo)))  # float64 RMS rounded once, as torch does
-        rms[b] = r
-        s = _block_step(basis[b] if has_basis else r, m, relative, qs, _LEVEL_GUARD)
-        steps[b] = s
-        _quantize_range(v, s, th, mu, k, runs, q[lo:hi], err[lo:hi])
-        esq += _sum_squares(err[lo:hi])
-        while c < nchunks and min(n, (c + 1) * chunk) <= hi:  # chunks whose levels are done
-            clo = c * chunk
-            chi = min(n, clo + chunk)
-            p, code = _code_chunk(q, clo, chi, runs, ko, auto, out, p, bits, orders, c)
-            if code != 0:
-                return False, np.int64(p), bits, orders, code, vsq, esq
-            c += 1
-    return False, np.int64(p), bits, orders, 0, vsq, esq
-
-
-@numba.njit(cache=True, nogil=True)
-def decode_weighted_sum(data, chunk, runs, bits, orders, starts, me, q, steps, block, avg, out):
-    """out = (sum over ranks r, in rank order, of float32(level_r) * step_r) (/ world if
-    ``avg``), chunk by chunk: rank ``me``'s levels are q, every other rank's are decoded from
-    ``data`` (``starts[r, c]``: absolute byte of its chunk c; ``bits``, ``orders`` likewise per
-    rank; at least ``codec.cpu.PAD`` readable bytes after the last). Every rank adds the same
-    float32 terms in the same order, so the result is the same on all of them bit for bit.
-    Returns (error code, rank, chunk)."""
-    world = steps.shape[0]
-    n = q.size
-    w = np.float32(world)
-    buf = np.zeros(chunk, np.int32)
-    for c in range((n + chunk - 1) // chunk):
-        lo = c * chunk
-        hi = min(n, lo + chunk)
-        for r in range(world):
-            if r == me:
-                vals = q[lo:hi]
-            else:
-                code = codec_cpu._decode_chunk(
-                    data,
-                    starts[r, c],
-                    bits[r, c],
-                    0,
-                    hi - lo,
-                    runs,
-                    orders[r, c, 0],
-                    orders[r, c, 1],
-                    orders[r, c, 2],
-                    buf,
-                )
-                if code != 0:
-                    return code, r, c
-                vals = buf[: hi - lo]
-            i = lo
-            while i < hi:  # the blocks (steps) overlapping this chunk
-                bl = i // block
-                e = min(hi, (bl + 1) * block)
-                _accumulate(vals[i - lo : e - lo], steps[r, bl], r, world, avg, w, out[i:e])
-                i = e
-            if r != me:
-                buf[:] = 0
-    return 0, -1, -1
-
-
-@numba.njit(cache=True, inline="always")
-def _accumulate(vals, s, r, world, avg, w, out):
-    """Rank r's term float32(vals) * s added to the running sum in ``out`` (the first term
-    starts it; the last one also divides by the world size when averaging)."""
-    if r == 0:
-        for i in range(vals.size):
-            out[i] = np.float32(vals[i]) * s
-    elif r < world - 1 or not avg:
-        for i in range(vals.size):
-            out[i] = out[i] + np.float32(vals[i]) * s
-    else:
-        for i in range(vals.size):
-            out[i] = (out[i] + np.float32(vals[i]) * s) / w
-
-
-@numba.njit(cache=True, nogil=True)
 def decode_add(data, chunk, runs, bits, orders, starts, q, finish, steps, block, world, avg, out):
     """q += the levels coded in ``data`` (one stream's payload, followed by at least
-    ``codec.cpu.PAD`` readable bytes), decoded chunk by chunk into a cache-sized buffer, so the
+    ``codec.chunks.PAD`` readable bytes), decoded chunk by chunk into a cache-sized buffer, so the
     decoded tensor is never materialized. With ``finish`` the sum is not stored back: it goes
     straight to ``out`` dequantized, as ``dequantize_into`` computes it (one pass fewer).
     Returns (error code, chunk)."""
@@ -528,17 +385,8 @@ def decode_add(data, chunk, runs, bits, orders, starts, q, finish, steps, block,
     for c in range(bits.size):
         lo = c * chunk
         hi = min(n, lo + chunk)
-        code = codec_cpu._decode_chunk(
-            data,
-            starts[c],
-            bits[c],
-            0,
-            hi - lo,
-            runs,
-            orders[c, 0],
-            orders[c, 1],
-            orders[c, 2],
-            buf,
+        code = chunks.decode_chunk(
+            data, starts[c], bits[c], hi - lo, runs, orders[c, 0], orders[c, 1], orders[c, 2], buf
         )
         if code != 0:
             return code, c

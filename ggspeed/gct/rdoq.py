@@ -79,7 +79,8 @@ def quantize_rdoq(
 ) -> torch.Tensor:
     """RDOQ levels of ``x`` (int32): floor or ceil of |x|/step, whichever has the lower RD cost.
 
-    ``step`` is a number or a per-element tensor. ``mu`` is in step^2 per bit; ``k`` and ``runs`` describe the code (see :func:`eg_bits`).
+    ``step`` is a number or a per-element tensor. ``mu`` is in step^2 per bit; ``k`` and
+    ``runs`` describe the code (see :func:`eg_bits`).
     """
     if mu <= 0:
         return quantize_round(x, step)

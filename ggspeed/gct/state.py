@@ -34,6 +34,7 @@ class GCTStats:
     comm_s: float = 0.0
     decode_s: float = 0.0
     nonfinite_calls: int = 0
+    wire_errors: int = 0  # calls refused on every rank: a corrupted stream or statistics message
     last_bytes_sent: int = 0
     last_bytes_received: int = 0
     last_elements: int = 0
@@ -76,47 +77,38 @@ class GCTState:
         self._constraint_sum = 0.0
         self._constraint_n = 0
         self._workspace: dict[str, torch.Tensor] = {}
-        self._spares: dict[str, torch.Tensor] = {}  # the residuals' second buffers
-        # Per bucket: the largest block RMS over ranks in its previous call (saved).
-        self.step_bases: dict[str, torch.Tensor] = {}
+        self._spares: dict[str, torch.Tensor] = {}  # CPU residuals' second buffers
+        self._restored: set[str] = set()  # residuals loaded from a checkpoint, not yet used
 
     # ---- error feedback -------------------------------------------------------------------
     def residual(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
-        """The residual for ``key`` if error feedback is on and it matches ``like``'s size."""
+        """The residual for ``key`` if error feedback is on and it matches ``like``'s size.
+
+        A residual of another size is dropped (its bucket changed), except one restored from a
+        checkpoint and not used since: that one belongs to another model or bucket layout, and
+        dropping it would lose the checkpoint's state silently, so it is refused."""
         if not self.cfg.error_feedback:
             return None
         r = self.residuals.get(key)
         if r is not None and r.numel() != like.numel():
+            if key in self._restored:
+                raise ValueError(
+                    f"GCT state: the checkpoint's residual {key!r} has {r.numel()} elements, "
+                    f"but this bucket has {like.numel()}: the checkpoint was written with another "
+                    "model or bucket layout"
+                )
             del self.residuals[key]
             r = None
         elif r is not None and r.device != like.device:  # restored from a CPU checkpoint
             r = self.residuals[key] = r.to(like.device)
         return r
 
-    def set_residual(self, key: str, value: torch.Tensor) -> None:
-        """Make ``value`` the residual of ``key``; the one it replaces becomes the buffer
-        ``next_residual`` hands out for the following call (double buffering)."""
-        if self.cfg.error_feedback:
-            old = self.residuals.get(key)
-            self.residuals[key] = value
-            if old is not None and old is not value and old.numel() == value.numel():
-                self.__dict__.setdefault("_spares", {})[key] = old
-
-    def step_basis(self, key: str, nb: int) -> torch.Tensor | None:
-        """The per-block RMS all ranks agreed on in ``key``'s previous call (float32, CPU), if
-        it has ``nb`` blocks: the basis of this call's steps (``step_agreement`` "previous")."""
-        basis = self.__dict__.setdefault("step_bases", {}).get(key)
-        return basis if basis is not None and basis.numel() == nb else None
-
-    def set_step_basis(self, key: str, basis: torch.Tensor) -> None:
-        self.__dict__.setdefault("step_bases", {})[key] = basis.detach().to("cpu", torch.float32)
-
-    def next_residual(self, key: str, n: int) -> torch.Tensor:
-        """A float32 CPU buffer of n elements for ``key``'s next residual that is not its
-        current one, so a call can write the new residual and still keep the old one if the
-        call ends without a result (a peer's non-finite gradient). Contents undefined."""
-        spares = self.__dict__.setdefault("_spares", {})
-        buf, cur = spares.get(key), self.residuals.get(key)
+    def residual_buffer(self, key: str, n: int) -> torch.Tensor:
+        """A float32 CPU buffer of n elements for ``key``'s next residual that is not its live
+        one (contents undefined): a call writes the new residual there and makes it live only
+        once every rank has accepted the exchange, so a failed call leaves the old one intact.
+        After ``set_residual(..., recycle=True)`` it is the replaced residual's memory."""
+        buf, cur = self._spares.get(key), self.residuals.get(key)
         if (
             buf is None
             or buf.numel() != n
@@ -124,19 +116,32 @@ class GCTState:
             or buf.device.type != "cpu"
             or (cur is not None and buf.data_ptr() == cur.data_ptr())
         ):
-            buf = spares[key] = torch.empty(n, dtype=torch.float32)
+            buf = self._spares[key] = torch.empty(n, dtype=torch.float32)
         return buf
+
+    def set_residual(self, key: str, value: torch.Tensor, *, recycle: bool = False) -> None:
+        """Make ``value`` the residual of ``key``. With ``recycle`` the replaced residual
+        becomes the buffer ``residual_buffer`` hands out next (the CPU path's double buffer);
+        otherwise it is released (the torch path allocates each new residual)."""
+        if not self.cfg.error_feedback:
+            return
+        old = self.residuals.get(key)
+        self.residuals[key] = value
+        self._restored.discard(key)
+        if recycle and old is not None and old is not value and old.numel() == value.numel():
+            self._spares[key] = old
+        else:
+            self._spares.pop(key, None)
 
     def workspace(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         """A reusable CPU buffer of n elements (contents undefined), grown on demand.
 
-        A fresh 5 MB tensor per call costs more in page faults than the pass that fills it;
-        calls on one state run one after another, so one buffer per name is enough. Not saved.
+        A fresh bucket-sized tensor per call costs more in page faults than the pass that fills
+        it; calls on one state run one after another, so one buffer per name is enough. Not saved.
         """
-        spaces = self.__dict__.setdefault("_workspace", {})  # absent in older pickles
-        buf = spaces.get(name)
+        buf = self._workspace.get(name)
         if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = spaces[name] = torch.empty(n, dtype=dtype)
+            buf = self._workspace[name] = torch.empty(n, dtype=dtype)
         return buf[:n]
 
     # ---- schedule -------------------------------------------------------------------------
@@ -181,6 +186,7 @@ class GCTState:
             "comm_s": s.comm_s,
             "decode_s": s.decode_s,
             "nonfinite_calls": float(s.nonfinite_calls),
+            "wire_errors": float(s.wire_errors),
             "lambda": self.constraint_lambda,
         }
         if self._constraint_n:
@@ -191,32 +197,31 @@ class GCTState:
 
     # ---- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Tensors, Python numbers, strings, lists and dicts only: loadable with
+        ``torch.load(weights_only=True)``."""
         return {
             "version": 1,
-            "global_step": self.global_step,
+            "global_step": int(self.global_step),
             "residuals": {k: v.detach().cpu().clone() for k, v in self.residuals.items()},
             "constraint_prev": {
                 k: (p.detach().cpu().clone(), g.detach().cpu().clone())
                 for k, (p, g) in self.constraint_prev.items()
             },
-            "stats": dataclasses.asdict(self.stats),
-            "step_bases": {k: v.clone() for k, v in self.__dict__.get("step_bases", {}).items()},
+            "stats": _plain_stats(self.stats),
         }
 
     def load_state_dict(self, d: dict[str, Any], device: torch.device | str | None = None) -> None:
-        if d.get("version") != 1:
-            raise ValueError(f"GCT state: unsupported version {d.get('version')!r} (expected 1)")
+        """Restore ``state_dict()``'s output; ValueError naming the key and what is wrong with it
+        (nothing is changed then). A residual's size is checked against its bucket when the
+        bucket is next reduced (``residual``)."""
+        residuals, prev, stats = _checked(d)
+        move = (lambda t: t.to(device)) if device else (lambda t: t.clone())
         self.global_step = int(d["global_step"])
-        self.residuals = {
-            k: v.to(device) if device else v.clone() for k, v in d["residuals"].items()
-        }
-        self.constraint_prev = {
-            k: (p.to(device) if device else p.clone(), g.to(device) if device else g.clone())
-            for k, (p, g) in d["constraint_prev"].items()
-        }
-        self.stats = GCTStats(**d["stats"])
-        # absent in checkpoints from before it existed: the next call starts from own RMS
-        self.step_bases = {k: v.clone() for k, v in d.get("step_bases", {}).items()}
+        self.residuals = {k: move(v) for k, v in residuals.items()}
+        self._restored = set(self.residuals)
+        self._spares = {}
+        self.constraint_prev = {k: (move(p), move(g)) for k, (p, g) in prev.items()}
+        self.stats = stats
 
     def __getstate__(self) -> dict[str, Any]:
         d = self.__dict__.copy()
@@ -224,3 +229,66 @@ class GCTState:
         d["_workspace"] = {}
         d["_spares"] = {}
         return d
+
+
+def _plain_stats(stats: GCTStats) -> dict[str, int | float]:
+    """The statistics as Python ints and floats (counters may arrive as numpy integers)."""
+    out: dict[str, int | float] = {}
+    for f in dataclasses.fields(stats):
+        v = getattr(stats, f.name)
+        out[f.name] = int(v) if f.type in (int, "int") else float(v)
+    return out
+
+
+def _checked(d: Any) -> tuple[dict, dict, GCTStats]:
+    """The residuals, constraint memory and statistics of a GCT state dict, checked."""
+
+    def bad(key: str, what: str) -> ValueError:
+        return ValueError(f"GCT state: {key} {what}")
+
+    if not isinstance(d, dict):
+        raise bad("(the whole state)", f"must be a dict, got {type(d).__name__}")
+    if d.get("version") != 1:
+        raise ValueError(f"GCT state: unsupported version {d.get('version')!r} (expected 1)")
+    for key in ("global_step", "residuals", "constraint_prev", "stats"):
+        if key not in d:
+            raise bad(key, "is missing")
+    if isinstance(d["global_step"], bool) or not isinstance(d["global_step"], int):
+        raise bad("global_step", f"must be an int, got {type(d['global_step']).__name__}")
+    residuals = d["residuals"]
+    if not isinstance(residuals, dict):
+        raise bad("residuals", f"must be a dict, got {type(residuals).__name__}")
+    for k, v in residuals.items():
+        name = f"residuals[{k!r}]"
+        if not isinstance(k, str):
+            raise bad(name, "has a key that is not a string")
+        if not isinstance(v, torch.Tensor):
+            raise bad(name, f"must be a tensor, got {type(v).__name__}")
+        if v.dtype != torch.float32 or v.dim() != 1:
+            raise bad(name, f"must be a 1-D float32 tensor, got {v.dim()}-D {v.dtype}")
+        if not bool(torch.isfinite(v).all()):
+            raise bad(name, "holds inf or NaN values")
+    prev = d["constraint_prev"]
+    if not isinstance(prev, dict):
+        raise bad("constraint_prev", f"must be a dict, got {type(prev).__name__}")
+    for k, pair in prev.items():
+        name = f"constraint_prev[{k!r}]"
+        if not (
+            isinstance(pair, (tuple, list))
+            and len(pair) == 2
+            and all(isinstance(t, torch.Tensor) for t in pair)
+        ):
+            raise bad(name, "must be a (parameter, gradient) pair of tensors")
+        if pair[0].shape != pair[1].shape:
+            raise bad(name, f"pairs shapes {tuple(pair[0].shape)} and {tuple(pair[1].shape)}")
+    raw = d["stats"]
+    if not isinstance(raw, dict):
+        raise bad("stats", f"must be a dict, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(GCTStats)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise bad("stats", f"has unknown fields {unknown}; allowed: {sorted(names)}")
+    for k, v in raw.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad(f"stats[{k!r}]", f"must be a number, got {type(v).__name__}")
+    return residuals, prev, GCTStats(**raw)
