@@ -25,13 +25,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 
 # Imported at every interpreter start (through the .pth file): only modules Python has already
 # loaded by then (no typing, logging, importlib.abc: several milliseconds each).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
     from importlib.machinery import ModuleSpec
     from typing import Any
 
@@ -71,6 +71,7 @@ class _Loader:
             module.__spec__.loader = self._inner
         module.__loader__ = self._inner
         self._inner.exec_module(module)
+        _leave_meta_path()
         register(module)
 
     def __getattr__(self, name: str) -> Any:
@@ -85,8 +86,11 @@ class _DeepSpeedFinder:
     ) -> ModuleSpec | None:
         if fullname != "deepspeed":
             return None
-        _leave_meta_path()
+        # Stay on sys.meta_path until the module has run: importlib.util.find_spec("deepspeed")
+        # (transformers' availability check) asks finders without importing anything.
         for finder in sys.meta_path:
+            if isinstance(finder, _DeepSpeedFinder):
+                continue
             find = getattr(finder, "find_spec", None)
             if find is None:
                 continue
@@ -163,6 +167,7 @@ def _route(
     its own error for them, exactly as without ggspeed.
     """
     import inspect
+    from collections.abc import Mapping
 
     try:
         bound = inspect.signature(original).bind(*args, **kwargs)
@@ -184,6 +189,8 @@ def _route(
 
 def _load(source: Any) -> Mapping[str, Any] | None:
     """The ds_config as DeepSpeed reads it (dict, JSON/hjson path, base64), or None."""
+    from collections.abc import Mapping
+
     if source is None:
         return None
     if isinstance(source, Mapping):
