@@ -108,7 +108,7 @@ def _ds(**ggspeed) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 1},
+        "zero_optimization": {"stage": 0},
         "steps_per_print": 10**6,
     }
     if ggspeed:
