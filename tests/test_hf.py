@@ -14,6 +14,7 @@ import copy
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -70,15 +71,20 @@ def launch(script: Path, *args: str, timeout: float = 900) -> tuple[int, str]:
     env.pop("GGSPEED_DISABLE", None)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), *args]  # fmt: skip
+    # Own process group: on a timeout the launcher's ranks go too, not only the launcher.
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
     try:
-        proc = subprocess.run(
-            cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
-        )
+        out, _ = proc.communicate(timeout=timeout)
     finally:
-        leaked = _segments(port)
-        for path in leaked:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for path in _segments(port):
             os.unlink(path)
-    return proc.returncode, proc.stdout + proc.stderr
+    return proc.returncode, out
 
 
 def write(path: Path, config: dict) -> str:
