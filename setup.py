@@ -78,8 +78,8 @@ setup(
             "hypothesis>=6.100,<7",
             "ruff>=0.6,<0.18",
             # Tests of the registered path: an unchanged Hugging Face Trainer script.
-            "transformers>=4.56,<6",
-            "accelerate>=1.10,<2",
+            "transformers>=5.24,<6",
+            "accelerate>=1.16,<2",
         ],
     },
 )
