@@ -9,7 +9,11 @@ The one entry point for training scripts is :func:`ggspeed.initialize`, a drop-i
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+# The registration .pth imports this package at every interpreter start: no typing import here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 
@@ -21,8 +25,10 @@ _SUBMODULES = {
     "data",
     "gct",
     "gg",
+    "hf",
     "init",
     "models",
+    "registration",
     "runtime",
     "telemetry",
 }

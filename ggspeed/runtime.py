@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from . import telemetry
 from .config import ConfigError, GGSpeedConfig, from_ds_config, load_ds_config
+from .registration import original_initialize
 
 logger = logging.getLogger("ggspeed")
 
@@ -254,9 +255,10 @@ def initialize(
 
         gct.check_ds_config(ds_config, cfg.gct)
     if cfg.act.enabled:
-        from . import act
+        from . import act, hf
 
         act.check_ds_config(ds_config, cfg.act)
+        hf.use_act_checkpointing(model)  # Hugging Face layers checkpoint through ggspeed's
 
     if init_kwargs.get("dist_init_required") is not False and not dist.is_initialized():
         deepspeed.init_distributed()
@@ -274,7 +276,8 @@ def initialize(
         init_kwargs["config"] = config
     if config_params is not None:
         init_kwargs["config_params"] = config_params
-    engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(
+    # DeepSpeed's own initialize: deepspeed.initialize may be ggspeed's registered wrapper.
+    engine, optimizer, dataloader, lr_scheduler = original_initialize()(
         args, model, *init_args, **init_kwargs
     )
 
