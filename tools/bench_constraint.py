@@ -10,7 +10,9 @@ and the same batches for every setting, plus an fp32 all-reduce without GCT as t
 reference. Reported per setting: training loss (mean of the last 10 steps, both ranks),
 validation loss at the end, GCT bits per element on the wire (whole run and second half, where
 a constraint that steers toward cheap gradients should show), the constraint term's size
-relative to the gradient (mean over steps) and the median step time.
+relative to the gradient (mean over steps) and the median step time. ``--quantizer`` adds GCT
+runs without the constraint at other quantizer settings: the price in loss of the same bit
+savings by the quantizer's own knobs.
 
 Results go to <out>/results.json; ``--report`` prints the table.
 """
@@ -35,17 +37,30 @@ def _gpt_config():
     return GPTConfig(vocab_size=4096, seq_len=128, n_layer=4, n_head=4, d_model=128)
 
 
-def _gct_config(args: argparse.Namespace, lam: float):
+def _gct_config(args: argparse.Namespace, lam: float, **overrides: float):
     from ggspeed.config import GCTConfig
 
-    return GCTConfig(
-        enabled=True,
-        quant_step=args.quant_step,
-        rdoq_mu=args.rdoq_mu,
-        block_size=args.block_size,
-        constraint_lambda=lam,
-        constraint_warmup_steps=args.warmup if lam > 0 else 0,
-    )
+    kw: dict[str, Any] = {
+        "enabled": True,
+        "quant_step": args.quant_step,
+        "rdoq_mu": args.rdoq_mu,
+        "block_size": args.block_size,
+        "constraint_lambda": lam,
+        "constraint_warmup_steps": args.warmup if lam > 0 else 0,
+    }
+    return GCTConfig(**{**kw, **overrides})
+
+
+def _settings(args: argparse.Namespace) -> list[tuple[str, float | None, dict[str, float]]]:
+    """(name, lambda or None for the fp32 reference, quantizer overrides) in run order."""
+    out: list[tuple[str, float | None, dict[str, float]]] = []
+    if not args.no_fp32:
+        out.append(("fp32", None, {}))
+    out += [(f"lambda={lam:g}", lam, {}) for lam in map(float, args.lambdas.split(","))]
+    for point in filter(None, args.quantizer.split(";")):
+        key, value = point.split("=")
+        out.append((point, 0.0, {key: float(value)}))
+    return out
 
 
 def _rank(args: argparse.Namespace) -> dict[str, Any]:
@@ -62,10 +77,8 @@ def _rank(args: argparse.Namespace) -> dict[str, Any]:
     corpus = load_corpus_tokens(vocab_size=4096)
     valid = random_batches(corpus.valid, args.batch, 128, seed=12345)
     valid_batches = [next(valid) for _ in range(args.valid_batches)]
-    settings: list[tuple[str, float | None]] = [("fp32", None)]
-    settings += [(f"lambda={lam:g}", lam) for lam in map(float, args.lambdas.split(","))]
     out: dict[str, Any] = {}
-    for name, lam in settings:
+    for name, lam, overrides in _settings(args):
         torch.manual_seed(args.seed)
         model = GPT(_gpt_config())
         ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=64)
@@ -74,7 +87,7 @@ def _rank(args: argparse.Namespace) -> dict[str, Any]:
         if lam is None:
             ddp.register_comm_hook(None, default_hooks.allreduce_hook)
         else:
-            gct = GCTState(_gct_config(args, lam))
+            gct = GCTState(_gct_config(args, lam, **overrides))
             ddp.register_comm_hook(gct, gct_hook)
             if lam > 0:
                 named = list(model.named_parameters())
@@ -121,16 +134,17 @@ def report(results: dict[str, Any]) -> str:
     base = runs["lambda=0"]
     lines = [
         "| setting | train loss (last 10) | valid loss | vs lambda 0 (valid) | bits/element "
-        "(run) | bits/element (2nd half) | constraint / gradient | step (ms) |",
-        "|---|---|---|---|---|---|---|---|",
+        "(run) | vs lambda 0 (bits) | bits/element (2nd half) | constraint / gradient | step (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
         rel = f"{100 * (r['valid_loss'] / base['valid_loss'] - 1):+.2f}%"
         bits = f"{r['bits']:.3f}" if "bits" in r else "32"
+        brel = f"{100 * (r['bits'] / base['bits'] - 1):+.2f}%" if "bits" in r else "-"
         bits2 = f"{r['bits_second_half']:.3f}" if "bits" in r else "32"
         cr = f"{r['constraint_rel']:.3g}" if r.get("constraint_rel") else "-"
         lines.append(
-            f"| {name} | {r['train_loss']:.4f} | {r['valid_loss']:.4f} | {rel} | {bits} | "
+            f"| {name} | {r['train_loss']:.4f} | {r['valid_loss']:.4f} | {rel} | {bits} | {brel} | "
             f"{bits2} | {cr} | {1e3 * r['step_time_s']:.0f} |"
         )
     return "\n".join(lines)
@@ -150,6 +164,13 @@ def main() -> None:
     p.add_argument("--rdoq-mu", type=float, default=0.1)
     p.add_argument("--block-size", type=int, default=4096)
     p.add_argument("--valid-batches", type=int, default=8)
+    p.add_argument(
+        "--quantizer",
+        default="",
+        help="';'-separated GCT settings without the constraint, e.g. 'quant_step=1.2;rdoq_mu=0.2': "
+        "what the quantizer's own knobs pay in loss for the same bits",
+    )
+    p.add_argument("--no-fp32", action="store_true", help="skip the fp32 all-reduce reference")
     p.add_argument("--seed", type=int, default=0, help="model init and data seed")
     p.add_argument("--report", action="store_true", help="print the table of <out>/results.json")
     args = p.parse_args()
