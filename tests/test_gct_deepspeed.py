@@ -97,15 +97,24 @@ def _engines_and_checkpoint(tmpdir: str) -> dict:
         engine, *_ = ggspeed.initialize(
             model=model, model_parameters=model.parameters(), config=cfg
         )
-        before = _eval_loss(engine)
-        _train(engine, STEPS)
         st = engine.ggspeed.components.get("gct")
+        on_step_args: list[int] = []
+        if st is not None:  # count the calls the engine makes (on the instance, as it does)
+            on_step = st.on_step
+            st.on_step = lambda step, f=on_step, seen=on_step_args: (seen.append(step), f(step))
+        before = _eval_loss(engine)
+        _train(engine, 2)
+        keys_early = sorted(st.residuals) if st else []
+        _train(engine, STEPS - 2, start=2)
         out[name] = {
             "params": _params(engine),
             "loss": (before, _eval_loss(engine)),
             "calls": st.stats.calls if st else 0,
             "bits": st.stats.bits_per_element if st else 32.0,
             "keys": sorted(st.residuals) if st else [],
+            "keys_early": keys_early,
+            "on_step": on_step_args,
+            "global_steps": engine.global_steps,
         }
     # Checkpoint round trip: 2N steps == N steps, save, fresh engine, load, N steps.
     cfg = _ds_config({"stage": 1, "reduce_scatter": False}, gct={**GCT, "constraint_lambda": 1e-3})
@@ -163,6 +172,10 @@ def test_deepspeed_engines_2_ranks(tmp_path) -> None:
         assert last < 0.3 * first and last < 1.5 * base_last + 0.02, (name, r0["loss"], base_last)
         assert r0["calls"] >= STEPS and 0 < r0["bits"] < 8, (name, r0["calls"], r0["bits"])
         assert r0["keys"], name
+        assert r0["keys"] == r0["keys_early"], f"{name}: residual keys drift between steps"
+        # the runtime drives on_step once per optimizer step (gas 2: once per 2 micro-batches)
+        assert r0["on_step"] == list(range(1, STEPS + 1)), f"{name}: on_step {r0['on_step']}"
+        assert r0["global_steps"] == STEPS, name
     # ZeRO-2 reduces per micro-batch: twice the calls of a ZeRO-1 run, same residual keys reused.
     assert res[0]["zero2_fp32_noRS_gas2"]["calls"] >= 2 * STEPS
     for r in res:
@@ -224,3 +237,69 @@ def _pipeline(bf16_zero1: bool) -> dict:
             "bits": st.stats.bits_per_element,
         }
     return out
+
+
+class _MoENet(torch.nn.Module):
+    """Linear -> DeepSpeed MoE (2 experts, one per rank: ep_size 2) -> Linear."""
+
+    def __init__(self) -> None:
+        from deepspeed.moe.layer import MoE
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(16, 32)
+        self.moe = MoE(
+            hidden_size=32,
+            expert=torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh()),
+            num_experts=2,
+            ep_size=2,
+            k=1,
+            use_rts=False,  # no random token selection: the two engines must see the same routing
+        )
+        self.out = torch.nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _, _ = self.moe(torch.tanh(self.inp(x)).unsqueeze(0))
+        return self.out(h.squeeze(0))
+
+
+def _moe_expert_grads() -> dict:
+    """Expert gradients after one backward, with and without GCT, on the same data."""
+    import deepspeed
+    from deepspeed.moe.utils import is_moe_param
+
+    import ggspeed
+
+    deepspeed.init_distributed("gloo")
+    rank = torch.distributed.get_rank()
+    out: dict = {}
+    for name, gct in [("exact", {"enabled": False}), ("gct", GCT)]:
+        model = _MoENet()
+        engine, *_ = ggspeed.initialize(
+            model=model,
+            model_parameters=model.parameters(),
+            config=_ds_config({"stage": 0}, gct=gct),
+        )
+        x, y = _batch(0, rank, torch.float32)
+        loss = torch.nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)
+        out[name] = {
+            "expert": [p.grad.clone() for p in model.parameters() if is_moe_param(p)],
+            "dense": torch.cat(
+                [p.grad.flatten() for p in model.parameters() if not is_moe_param(p)]
+            ),
+        }
+        engine.step()
+    return out
+
+
+def test_moe_expert_gradients_averaged_over_the_data_parallel_world() -> None:
+    """DeepSpeed sums expert gradients over the expert-data-parallel group (here one rank) and
+    divides by the data-parallel world size (2): GCT must hand back the same."""
+    res = run_ranks(_moe_expert_grads, 2, init_pg=False, timeout=300)
+    for rank, r in enumerate(res):
+        assert r["exact"]["expert"], "the model has no expert parameters"
+        for exact, gct in zip(r["exact"]["expert"], r["gct"]["expert"], strict=True):
+            ratio = float(gct.abs().max() / exact.abs().max())
+            assert torch.equal(exact, gct), f"rank {rank}: expert gradient differs ({ratio:.3f}x)"
+    assert torch.equal(res[0]["gct"]["dense"], res[1]["gct"]["dense"]), "dense gradients differ"

@@ -4,13 +4,10 @@
   :class:`WireError` when a corrupted message makes every rank refuse a call
 - :func:`install` / :func:`check_ds_config`: the backend on DeepSpeed 0.19.8 engines
 - :func:`gct_hook`: the same backend as a torch DDP communication hook
-- :class:`GCTBackend`: DeepSpeed <= 0.19.6's ``compressed_allreduce(buffer, worker_error,
-  server_error, local_rank)`` contract
 - :func:`apply_constraint`, :func:`exact_constraint_term`: the gradient constraint
 """
 
 from .allreduce import WireError, compressed_all_reduce
-from .backend import GCTBackend
 from .constraint import apply_constraint, exact_constraint_term, secant_term
 from .deepspeed import check_ds_config, install
 from .hook import gct_hook
@@ -18,7 +15,6 @@ from .rdoq import eg_bits, quantize_rdoq, quantize_round
 from .state import GCTState, GCTStats
 
 __all__ = [
-    "GCTBackend",
     "GCTState",
     "GCTStats",
     "WireError",

@@ -4,7 +4,9 @@ DeepSpeed 0.19.8 has no comm-hook API, so the reduction methods are replaced on 
 optimizer *instances* (class-level patches are bypassed in places):
 
 - ZeRO 0, fp32 and bf16, and the PipelineEngine's data-parallel reduction all end in
-  ``engine.allreduce_bucket(bucket, dp_group, dp_world_size)``: returns the flat average.
+  ``engine.allreduce_bucket(bucket, dp_group, dp_world_size)``: returns the flat sum over
+  ``dp_group`` divided by ``dp_world_size`` (the group's size, except for MoE expert
+  gradients: their expert-data-parallel group is smaller than the data-parallel world).
 - ZeRO 1/2 with ``reduce_scatter: false``: ``optimizer.gradient_reduction_w_predivide(tensor,
   dtype)`` reduces one flat bucket in place and returns it.
 - ZeRO 1/2 with ``reduce_scatter: true`` (the default): ``optimizer.allreduce_bucket(bucket,
@@ -12,8 +14,9 @@ optimizer *instances* (class-level patches are bypassed in places):
   rank; the compressed all-reduce serves it too (every rank gets the sum, the owner keeps it).
 
 Error-feedback residuals are keyed on the ordinal of the reduction within a round (a round ends
-after ``allreduce_gradients`` and after each optimizer step), which is stable from step to step;
-ZeRO-2 reduces at every micro-batch, so its ordinals restart at every backward.
+after ``allreduce_gradients`` or the PipelineEngine's ``_exec_reduce_grads``), which is stable
+from step to step; ZeRO-2 reduces at every micro-batch, so its ordinals restart at every
+backward.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..config import ConfigError, GCTConfig
 from .allreduce import compressed_all_reduce
@@ -103,9 +107,11 @@ def _base_optimizer(engine: Any) -> torch.optim.Optimizer | None:
 def install(engine: Any, cfg: GCTConfig, state: GCTState | None = None) -> GCTState:
     """Route ``engine``'s data-parallel gradient reduction through the compressed all-reduce.
 
-    Returns the per-rank :class:`GCTState` (the runtime component: save/restore it with the
-    checkpoint). With ``constraint_lambda > 0`` the gradient constraint runs as a pre-step hook
-    of the torch optimizer, on the averaged (master) gradients.
+    Returns the per-rank :class:`GCTState`: the runtime component, which ``ggspeed.initialize``
+    saves and restores with the checkpoint and whose ``on_step`` it calls after every optimizer
+    step (without ``ggspeed.initialize``, call ``state.on_step(engine.global_steps)`` yourself:
+    it drives the constraint's warm-up). With ``constraint_lambda > 0`` the gradient constraint
+    runs as a pre-step hook of the torch optimizer, on the averaged (master) gradients.
     """
     if getattr(engine, "_ggspeed_gct", None) is not None:
         raise RuntimeError("ggspeed.gct is already installed on this engine")
@@ -119,9 +125,14 @@ def install(engine: Any, cfg: GCTConfig, state: GCTState | None = None) -> GCTSt
 
     def engine_allreduce_bucket(bucket, dp_group, dp_world_size=None):
         tensor = engine.flatten(bucket)
-        return compressed_all_reduce(
-            tensor, state, dp_group, key=rounds.next("e"), average=engine.gradient_average
-        )
+        key = rounds.next("e")
+        average = engine.gradient_average
+        if not average or dp_world_size is None or dp_world_size == dist.get_world_size(dp_group):
+            return compressed_all_reduce(tensor, state, dp_group, key=key, average=average)
+        # MoE expert gradients: summed over the expert-data-parallel group, divided by the whole
+        # data-parallel world, as DeepSpeed does (their scale does not depend on the ep size).
+        compressed_all_reduce(tensor, state, dp_group, key=key, average=False)
+        return tensor.mul_(1.0 / dp_world_size)
 
     engine.allreduce_bucket = engine_allreduce_bucket
     opt = engine.optimizer
@@ -154,15 +165,10 @@ def install(engine: Any, cfg: GCTConfig, state: GCTState | None = None) -> GCTSt
         opt.gradient_reduction_w_predivide = gradient_reduction_w_predivide
         opt.allreduce_bucket = zero_allreduce_bucket
 
+    # Every round of reductions ends in one of these (ZeRO-2's per-micro-batch rounds too).
     _after(engine, "allreduce_gradients", rounds.reset)
     if hasattr(engine, "_exec_reduce_grads"):  # PipelineEngine (bf16 bypasses the method above)
         _after(engine, "_exec_reduce_grads", rounds.reset)
-
-    def after_step() -> None:
-        rounds.reset()
-        state.on_step(engine.global_steps)
-
-    _after(engine, "_take_model_step", after_step)
 
     if cfg.constraint_lambda > 0:
         base = _base_optimizer(engine)
