@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ SETTINGS = {"quant_step": 1.0, "block_size": 4096}
 
 def _ds_config(stage: int, bf16: bool = False) -> dict:
     return {
-        "train_micro_batch_size_per_gpu": 8,
+        "train_micro_batch_size_per_gpu": 16,
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "Adam", "params": {"lr": 3e-3, "torch_adam": True}},
         "zero_optimization": {"stage": stage},
@@ -45,12 +46,12 @@ def _model() -> torch.nn.Module:
 
 
 def _target(x: torch.Tensor) -> torch.Tensor:
-    return torch.sin(x @ torch.linspace(-1.0, 1.0, 16, dtype=x.dtype)[:, None])
+    return x @ torch.linspace(-0.5, 0.5, 16, dtype=x.dtype)[:, None]
 
 
 def _batch(step: int, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * step + rank)
-    x = torch.randn(8, 16, generator=g)
+    x = torch.randn(16, 16, generator=g)
     return x.to(dtype), _target(x).to(dtype)
 
 
@@ -158,26 +159,31 @@ def _cases(cases: list[tuple[str, int, bool]], tmpdir: str | None) -> dict:
     from ggspeed.config import ConfigError
     from ggspeed.wire import install_coded_param_gather
 
+    print(f"TIMING start {time.time():.1f}")
     deepspeed.init_distributed("gloo")
     counter = _Counter()
     out: dict = {}
     for name, stage, bf16 in cases:
         for coded in (False, True):
+            t0 = time.perf_counter()
             engine, state = _engine(stage, bf16, coded)
+            t1 = time.perf_counter()
             out[(name, coded)] = _run(engine, state, counter)
+            print(f"TIMING {name} {coded} init {t1 - t0:.1f} run {time.perf_counter() - t1:.1f}")
     if tmpdir is not None:
-        # Resume: N steps, save, a fresh engine loads, N more == 2N steps straight.
+        # Resume: N steps, save, N more; a fresh engine loads and does the same N steps.
         import os
 
+        from ggspeed.wire import CodedParamGather, ParamGatherSettings
+
         n = STEPS // 2
-        engine, state = _engine(2, True, True)
-        _train(engine, counter, 2 * n)
-        out["full"] = (_working(engine), _masters(engine))
         engine, state = _engine(2, True, True)
         _train(engine, counter, n)
         engine.save_checkpoint(tmpdir, tag="mid")
         path = os.path.join(tmpdir, f"gather{torch.distributed.get_rank()}.pt")
         torch.save(state.state_dict(), path)
+        _train(engine, counter, n, start=n)
+        out["full"] = (_working(engine), _masters(engine))
         engine, state = _engine(2, True, True)
         engine.load_checkpoint(tmpdir, tag="mid")
         state.load_state_dict(torch.load(path, weights_only=False))
@@ -186,26 +192,24 @@ def _cases(cases: list[tuple[str, int, bool]], tmpdir: str | None) -> dict:
         out["resumed_calls"] = state.stats.calls
         # A resume whose working weights lost the quantization error (set from the masters, as
         # a universal checkpoint load does) differs: the check above can fail.
-        engine, state = _engine(2, True, True)
         engine.load_checkpoint(tmpdir, tag="mid")
         engine.optimizer.update_lp_params()
         _train(engine, counter, n, start=n)
         out["reset"] = _working(engine)
-        # A checkpoint saved with other settings is refused, naming the key.
-        other = _engine(2, True, True, {**SETTINGS, "quant_step": 2.0})[1]
+        # A state saved with other settings is refused, naming the key.
+        other = CodedParamGather(ParamGatherSettings(**{**SETTINGS, "quant_step": 2.0}))
         try:
             other.load_state_dict(torch.load(path, weights_only=False))
             out["other_settings"] = None
         except ValueError as err:
             out["other_settings"] = str(err)
-        # ZeRO-0 and ZeRO-3 are refused, naming the key.
-        for stage in (0, 3):
-            engine, _ = _engine(stage, False, False)
-            try:
-                install_coded_param_gather(engine)
-                out[f"zero{stage}"] = None
-            except ConfigError as err:
-                out[f"zero{stage}"] = str(err)
+        # ZeRO-3 is refused, naming the key (ZeRO-0: test_settings_refused_naming_the_key).
+        engine, _ = _engine(3, False, False)
+        try:
+            install_coded_param_gather(engine)
+            out["zero3"] = None
+        except ConfigError as err:
+            out["zero3"] = str(err)
     return out
 
 
@@ -218,7 +222,7 @@ def _check_case(res: list[dict], name: str, full_bits: int) -> None:
         assert torch.equal(r["working"], plain[0]["working"]), f"{name}: plain replicas diverged"
     p, c = plain[0], coded[0]
     # Trains as plain DeepSpeed does: the same loss curve within a few percent.
-    assert c["loss"][1] < 0.7 * c["loss"][0], (name, c["loss"])
+    assert c["loss"][1] < 0.5 * c["loss"][0], (name, c["loss"])
     assert abs(c["loss"][1] - p["loss"][1]) < 0.05 * p["loss"][1] + 1e-3, (name, c["loss"], p)
     # The masters follow plain's within a small part of how far training moved them.
     for rp, rc in zip(plain, coded):
@@ -247,10 +251,9 @@ def test_coded_param_gather_2_ranks(tmp_path) -> None:
         assert r["resumed_calls"] == STEPS
         assert not torch.equal(r["full"][0], r["reset"])
         assert "ggspeed.wire.param_gather.quant_step" in r["other_settings"]
-        for stage in (0, 3):
-            msg = r[f"zero{stage}"]
-            assert msg and f"zero_optimization.stage: got {stage}" in msg, msg
-            assert "ggspeed.wire.param_gather.enabled" in msg
+        msg = r["zero3"]
+        assert msg and "zero_optimization.stage: got 3" in msg, msg
+        assert "ggspeed.wire.param_gather.enabled" in msg
 
 
 def test_coded_param_gather_4_ranks() -> None:

@@ -199,7 +199,8 @@ class CodedParamGather:
             need = int(longest * (1.0 + cfg.capacity_slack))
             self.capacity[i] = -(-need // _ALIGN) * _ALIGN
             for r in range(world):
-                if r == me:
+                if r == me:  # DeepSpeed put the master here: start from the held copy
+                    parts[r].copy_(mine)
                     apply_update(parts[r], coded.q, coded.steps, block)
                 else:
                     q, steps = decode_update(messages[r].cpu(), parts[r].numel(), block)
