@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 
 import pytest
 import torch
@@ -159,17 +158,13 @@ def _cases(cases: list[tuple[str, int, bool]], tmpdir: str | None) -> dict:
     from ggspeed.config import ConfigError
     from ggspeed.wire import install_coded_param_gather
 
-    print(f"TIMING start {time.time():.1f}")
     deepspeed.init_distributed("gloo")
     counter = _Counter()
     out: dict = {}
     for name, stage, bf16 in cases:
         for coded in (False, True):
-            t0 = time.perf_counter()
             engine, state = _engine(stage, bf16, coded)
-            t1 = time.perf_counter()
             out[(name, coded)] = _run(engine, state, counter)
-            print(f"TIMING {name} {coded} init {t1 - t0:.1f} run {time.perf_counter() - t1:.1f}")
     if tmpdir is not None:
         # Resume: N steps, save, N more; a fresh engine loads and does the same N steps.
         import os

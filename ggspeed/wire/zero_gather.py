@@ -203,7 +203,7 @@ class CodedParamGather:
                     parts[r].copy_(mine)
                     apply_update(parts[r], coded.q, coded.steps, block)
                 else:
-                    q, steps = decode_update(messages[r].cpu(), parts[r].numel(), block)
+                    q, steps = decode_update(messages[r], parts[r].numel(), block)
                     apply_update(parts[r], q, steps, block)
             resid = master.detach().float() - parts[me].float()
             g.elements += n
