@@ -282,6 +282,18 @@ def test_settings_refused_naming_the_key() -> None:
     check_ds_config({"zero_optimization": {"stage": 1}})
 
 
+def test_component_protocol() -> None:
+    from ggspeed.runtime import Component
+    from ggspeed.wire import CodedParamGather, ParamGatherSettings
+
+    state = CodedParamGather(ParamGatherSettings(quant_step=2.0))
+    assert isinstance(state, Component) and state.name == "param_gather"
+    state.on_step(7)
+    again = CodedParamGather(ParamGatherSettings(quant_step=2.0))
+    again.load_state_dict(state.state_dict())
+    assert again.global_step == 7 and again.scalars()["bits_per_element"] == 0.0
+
+
 def test_coding_round_trip() -> None:
     from ggspeed.wire import ParamGatherSettings, apply_update, decode_update, encode_update
 
