@@ -1,0 +1,25 @@
+"""Coding the traffic DeepSpeed sends at full width: the ZeRO-1/2 parameter all-gather.
+
+    state = install_coded_param_gather(engine, ParamGatherSettings(quant_step=1.0))
+    ...train...; state.scalars()["bits_per_element"]
+
+See docs/wire.md.
+"""
+
+from __future__ import annotations
+
+from .coding import apply_update, decode_update, encode_update
+from .settings import KEY, ParamGatherSettings
+from .zero_gather import CodedParamGather, GatherStats, check_ds_config, install_coded_param_gather
+
+__all__ = [
+    "KEY",
+    "CodedParamGather",
+    "GatherStats",
+    "ParamGatherSettings",
+    "apply_update",
+    "check_ds_config",
+    "decode_update",
+    "encode_update",
+    "install_coded_param_gather",
+]
