@@ -252,41 +252,32 @@ class StopFlag:
         return bool(t.item())
 
 
-def save_rng(directory: Path, rank: int) -> None:
-    """Per-rank RNG streams (dropout), which DeepSpeed's checkpoint does not hold."""
+def rng_state() -> dict[str, Any]:
+    """This rank's RNG streams (dropout), which DeepSpeed's checkpoint does not hold."""
     import torch
     from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
 
     state = {"cpu": torch.get_rng_state(), "tracker": ds_ckpt.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    torch.save(state, directory / f"rng_rank{rank:05d}.pt")
+    return state
 
 
-def load_rng(directory: Path, rank: int) -> bool:
+def set_rng_state(state: dict[str, Any]) -> None:
     import torch
     from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
 
-    path = directory / f"rng_rank{rank:05d}.pt"
-    if not path.is_file():
-        return False
-    state = torch.load(path, weights_only=False)
     torch.set_rng_state(state["cpu"])
     ds_ckpt.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    return True
 
 
-def save(engine: Any, args: argparse.Namespace, step: int, rank: int) -> Path:
-    import torch.distributed as dist
-
+def save(engine: Any, args: argparse.Namespace, step: int) -> Path:
+    """A checkpoint that counts only once every rank wrote all of it (ggspeed.checkpoint)."""
     tag = f"iter_{step:07d}"
     engine.save_checkpoint(args.save, tag=tag, client_state={"iteration": step})
-    path = Path(args.save) / tag
-    save_rng(path, rank)
-    dist.barrier()
-    return path
+    return Path(args.save) / tag
 
 
 def plot(metrics: list[dict[str, Any]], out: Path) -> Path | None:
@@ -373,6 +364,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             opt, lambda s: lr_factor(s, args)
         )
     engine, _, _, _ = ggspeed.initialize(args=args, model=model, **kwargs)
+    # saved in ggspeed's per-rank file, committed with the rest of the checkpoint
+    engine.ggspeed.add_state("rng", rng_state, set_rng_state)
 
     start = 0
     if args.load:
@@ -381,11 +374,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if path is None:
             raise SetupError(f"--load {args.load}: DeepSpeed found no checkpoint {tag!r} to load")
         start = int(client["iteration"])
-        if not load_rng(Path(args.load) / tag, rank) and rank == 0:
-            print(
-                f"[ggspeed] {args.load}/{tag} has no RNG states: dropout masks will differ",
-                flush=True,
-            )
     plan = BatchPlan(
         engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(), layout.dp
     )
@@ -491,17 +479,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if step % args.eval_interval == 0 or step == args.train_iters:
             valid_loss = evaluate(step)
         if args.save and args.save_interval and step % args.save_interval == 0:
-            last_ckpt = save(engine, args, step, rank)
+            last_ckpt = save(engine, args, step)
         if stop.agreed():
             if args.save:
-                last_ckpt = save(engine, args, step, rank)
+                last_ckpt = save(engine, args, step)
             if rank == 0:
                 print(
                     f"[ggspeed] SIGTERM: stopped at step {step}, checkpoint {last_ckpt}", flush=True
                 )
             break
     if args.save and (last_ckpt is None or not str(last_ckpt).endswith(f"{step:07d}")):
-        last_ckpt = save(engine, args, step, rank)
+        last_ckpt = save(engine, args, step)
     if bar is not None:
         bar.close()
 
