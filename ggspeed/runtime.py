@@ -345,6 +345,21 @@ def _install_checkpoint_hooks(engine: Any, handle: GGSpeedHandle) -> None:
     engine.load_checkpoint = load_checkpoint
 
 
+def validate_ds_config(ds_config: Mapping[str, Any]) -> GGSpeedConfig:
+    """Steps 1-2 of ``initialize`` on a ds_config dict, no process group needed: the validated
+    ``"ggspeed"`` section, or ConfigError naming the key (e.g. GCT with ZeRO-3)."""
+    cfg = from_ds_config(ds_config)
+    if cfg.gct.enabled:
+        from . import gct
+
+        gct.check_ds_config(ds_config, cfg.gct)
+    if cfg.act.enabled:
+        from . import act
+
+        act.check_ds_config(ds_config, cfg.act)
+    return cfg
+
+
 def _validate(
     args: Any, config: Any, config_params: Any
 ) -> tuple[dict[str, Any] | None, GGSpeedConfig | None, ConfigError | None]:
@@ -352,15 +367,7 @@ def _validate(
     ds_config = cfg = None
     try:
         ds_config = _ds_config_of(args, config, config_params)
-        cfg = from_ds_config(ds_config)
-        if cfg.gct.enabled:
-            from . import gct
-
-            gct.check_ds_config(ds_config, cfg.gct)
-        if cfg.act.enabled:
-            from . import act
-
-            act.check_ds_config(ds_config, cfg.act)
+        cfg = validate_ds_config(ds_config)
     except ConfigError as e:
         return ds_config, cfg, e
     return ds_config, cfg, None

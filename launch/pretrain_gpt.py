@@ -112,8 +112,11 @@ def load_model_config(path: str, data_vocab: int):
         raise SetupError(f"--model-config {path}: {e.strerror or e}") from e
     except json.JSONDecodeError as e:
         raise SetupError(f"--model-config {path}: invalid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise SetupError(f"--model-config {path}: must be a JSON object of GPTConfig fields")
     d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_comment" keys
     d.setdefault("vocab_size", data_vocab)
+    check_model_fields(d, path)
     try:
         cfg = GPTConfig.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -123,6 +126,36 @@ def load_model_config(path: str, data_vocab: int):
             f"--model-config {path}: vocab_size {cfg.vocab_size} is smaller than the dataset's {data_vocab}"
         )
     return cfg
+
+
+MODEL_INTS = {"vocab_size": 1, "seq_len": 1, "n_layer": 1, "n_head": 1, "d_model": 1, "d_ff": 0}
+
+
+def check_model_fields(d: dict[str, Any], path: str) -> None:
+    """Sizes and rates a GPT can be built from; SetupError naming the field and allowed values."""
+    for key, least in MODEL_INTS.items():
+        v = d.get(key, least)
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise SetupError(
+                f"--model-config {path}: {key} must be an integer >= {least}, got {v!r}"
+            )
+    dropout = d.get("dropout", 0.0)
+    if not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
+        raise SetupError(f"--model-config {path}: dropout must be in [0, 1), got {dropout!r}")
+    std = d.get("init_std", 0.02)
+    if not isinstance(std, int | float) or not 0.0 < std < math.inf:
+        raise SetupError(f"--model-config {path}: init_std must be > 0, got {std!r}")
+
+
+def check_splits(meta: dict[str, Any], seq_len: int, data_path: str) -> None:
+    """Each split holds at least one sequence (seq_len + 1 tokens) for training and validation."""
+    for split, counts in (meta.get("splits") or {}).items():
+        tokens = counts.get("tokens") if isinstance(counts, dict) else None
+        if isinstance(tokens, int) and tokens < seq_len + 1:
+            raise SetupError(
+                f"--model-config seq_len {seq_len} needs {seq_len + 1} tokens per sample, but "
+                f"--data-path {data_path}'s {split} split holds {tokens}"
+            )
 
 
 def batch_triple(ds: dict[str, Any], dp: int) -> tuple[int, int, int]:
@@ -157,17 +190,19 @@ def preflight(
     args: argparse.Namespace, world_size: int
 ) -> tuple[dict[str, Any], Any, Any, dict[str, Any]]:
     """Every check that needs no process group: returns (ds_config, GPTConfig, Layout, data meta)."""
-    from ggspeed.config import ConfigError, from_ds_config, load_ds_config
+    from ggspeed.config import ConfigError, load_ds_config
     from ggspeed.data.indexed import DataError, check_dataset_dir
     from ggspeed.models.gpt3d import check_layout
+    from ggspeed.runtime import validate_ds_config
 
     try:
         ds = load_ds_config(args.deepspeed_config)
-        from_ds_config(ds)
+        validate_ds_config(ds)  # the "ggspeed" section, and e.g. GCT refusing ZeRO-3
         meta = check_dataset_dir(args.data_path)
     except (ConfigError, DataError) as e:
         raise SetupError(str(e)) from e
     cfg = load_model_config(args.model_config, int(meta["vocab_size"]))
+    check_splits(meta, cfg.seq_len, args.data_path)
     try:
         layout = check_layout(cfg, world_size, args.tp, args.pp)
     except ValueError as e:

@@ -104,6 +104,38 @@ def test_bad_setups_fail_before_training(setup):
     assert (layout.tp, layout.pp, layout.dp) == (1, 2, 2) and cfg.vocab_size == meta["vocab_size"]
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("n_head", 0, "n_head must be an integer >= 1, got 0"),
+        ("n_layer", 0, "n_layer must be an integer >= 1, got 0"),
+        ("seq_len", 0, "seq_len must be an integer >= 1, got 0"),
+        ("d_model", -32, "d_model must be an integer >= 1, got -32"),
+        ("d_model", 32.5, "d_model must be an integer >= 1, got 32.5"),
+        ("dropout", 2.0, "dropout must be in [0, 1), got 2.0"),
+        ("seq_len", 10**7, "seq_len 10000000 needs 10000001 tokens per sample, but --data-path"),
+    ],
+)
+def test_bad_model_fields_fail_before_any_process_group(setup, field, value, message):
+    """Each is refused by the pre-flight with the field named; once they reached torch/megatron
+    (ZeroDivisionError, empty pipelines, a sampler with no sample)."""
+    import torch.distributed as dist
+
+    root = setup
+    bad = root / f"model_{field}_{value}.json"
+    bad.write_text(json.dumps({**MODEL, field: value}))
+    msg = preflight_error(root, 2, write_ds(root, "ok.json"), "--model-config", str(bad))
+    assert message in msg and (field in msg or "--model-config" in msg), msg
+    assert not dist.is_initialized(), "the pre-flight must not need a process group"
+
+
+def test_gct_with_zero3_fails_before_the_model_is_built(setup):
+    root = setup
+    z3 = write_ds(root, "z3.json", zero_optimization={"stage": 3})
+    msg = preflight_error(root, 2, z3)
+    assert "zero_optimization.stage" in msg and "3" in msg, msg
+
+
 def test_script_reports_setup_errors(setup):
     root = setup
     r = subprocess.run(
