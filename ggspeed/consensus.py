@@ -57,6 +57,15 @@ def agree(error: str | None, what: str, exc_type: type[Exception] = RuntimeError
             f"{what}: the ranks could not agree, a peer died or stopped answering "
             f"within {TIMEOUT_S:.0f} s ({e}){mine}"
         ) from None
-    failures = [(rank, err) for rank, err in enumerate(verdicts) if err is not None]
+    failures: dict[str, list[int]] = {}  # one line per distinct error, with its ranks
+    for rank, err in enumerate(verdicts):
+        if err is not None:
+            failures.setdefault(err, []).append(rank)
     if failures:
-        raise exc_type(f"{what}: " + "; ".join(f"rank {r}: {err}" for r, err in failures))
+        raise exc_type(
+            f"{what}: "
+            + "; ".join(
+                f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {err}"
+                for err, ranks in failures.items()
+            )
+        )

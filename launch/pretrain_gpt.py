@@ -230,6 +230,25 @@ def preflight(
     return ds, cfg, layout, meta
 
 
+def agree_on_preflight(error: str | None) -> None:
+    """Join the process group and exchange pre-flight verdicts; SetupError on every rank if any
+    rank's failed. Without it, a rank whose inputs differ (another node's files) exits alone and
+    its peers wait in the rendezvous for as long as nothing tears the job down."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from ggspeed import consensus
+
+    if not torch.cuda.is_available():
+        os.environ.pop("LOCAL_SIZE", None)  # no never-freed /dev/shm buffer on CPU (gloo)
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    consensus.agree(error, "pre-flight failed", SetupError)
+
+
 # ----------------------------------------------------------------------------- pieces
 
 
@@ -349,7 +368,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     limit_codec_threads()  # before numba's first import (ggspeed.initialize applies it too)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ds, cfg, layout, _ = preflight(args, world)
+    error = None
+    try:
+        ds, cfg, layout, _ = preflight(args, world)
+    except SetupError as e:
+        if world == 1:
+            raise
+        error = str(e)
+    if world > 1:  # tell the peers, whose pre-flight may have passed; raises on every rank
+        agree_on_preflight(error)
 
     import deepspeed
     import torch

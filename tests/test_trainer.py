@@ -136,6 +136,27 @@ def test_gct_with_zero3_fails_before_the_model_is_built(setup):
     assert "zero_optimization.stage" in msg and "3" in msg, msg
 
 
+@pytest.mark.dist
+def test_preflight_error_on_one_rank_stops_every_rank(setup):
+    """Rank 1's model config is bad, rank 0's fine; separate processes, no launcher to tear the
+    job down: both exit 2 with rank 1's error, within a bound."""
+    from tests.test_trainer_faults import popen_ranks
+
+    root = setup
+    bad = root / "model_bad_rank.json"
+    bad.write_text(json.dumps({**MODEL, "n_head": 0}))
+    ds = write_ds(root, "ok.json")
+    argvs = {"0": argv(root, ds), "1": argv(root, ds, "--model-config", str(bad))}
+    bound = 120.0
+    for r in popen_ranks("rank_trainer", 2, argvs, timeout=bound + 60):
+        assert r.returncode == 2, f"rank {r.rank} ({r.returncode}):\n{r.output[-3000:]}"
+        assert (
+            f"pretrain_gpt.py: error: pre-flight failed: rank 1: --model-config {bad}: n_head "
+            "must be an integer >= 1, got 0" in r.output
+        ), r.output[-3000:]
+        assert r.seconds < bound, f"rank {r.rank} took {r.seconds:.0f} s"
+
+
 def test_script_reports_setup_errors(setup):
     root = setup
     r = subprocess.run(

@@ -322,5 +322,13 @@ def test_bad_section_on_one_rank_stops_every_rank(tmp_path):
         assert r.seconds < bound, f"rank {r.rank} took {r.seconds:.0f} s"
 
 
+def rank_trainer(argvs: dict[str, list[str]]) -> None:
+    """launch/pretrain_gpt.py as a script, with this rank's command line."""
+    import runpy
+
+    sys.argv = ["pretrain_gpt.py", *argvs[os.environ["RANK"]]]
+    runpy.run_path(str(ROOT / "launch" / "pretrain_gpt.py"), run_name="__main__")
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]](json.loads(sys.argv[2]))
