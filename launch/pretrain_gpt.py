@@ -298,11 +298,15 @@ class StopFlag:
         self.requested = True
 
     def agreed(self) -> bool:
+        """Whether any rank was signalled: a MAX all-reduce of a CPU flag on ggspeed's gloo side
+        group (the default group may be NCCL, which takes no CPU tensors)."""
         import torch
         import torch.distributed as dist
 
+        from ggspeed import consensus
+
         t = torch.tensor([1.0 if self.requested else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=consensus.side_group())
         return bool(t.item())
 
 

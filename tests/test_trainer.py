@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import subprocess
@@ -252,3 +253,95 @@ def test_sigterm_saves_a_checkpoint_and_stops(setup):
     tag = f"iter_{out[0]['steps']:07d}"
     assert out[0]["checkpoint"].endswith(tag) and (root / "ckT" / tag).is_dir()
     assert (root / "ckT" / "latest").read_text().strip() == tag
+
+
+def _launch(root: Path, tag: str, iters: int) -> tuple[subprocess.Popen, Path]:
+    """The trainer under DeepSpeed's `deepspeed` runner, 2 CPU ranks, in its own session."""
+    import os
+
+    from tests.dist import free_port
+
+    ds = write_ds(root, "plain.json", ggspeed={})
+    args = argv(root, ds, "--save", str(root / f"ck{tag}"), "--log-dir", str(root / f"log{tag}"))
+    args[args.index("--train-iters") + 1] = str(iters)
+    runner = Path(sys.executable).parent / "deepspeed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [str(runner), "--num_gpus", "2", "--master_port", str(free_port()),
+         str(ROOT / "launch" / "pretrain_gpt.py"), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    return proc, root / f"log{tag}"
+
+
+def _wait_for_lines(proc: subprocess.Popen, log: Path, lines: int, timeout: float = 300) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    metrics = log / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= lines):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os_kill_group(proc)
+            raise AssertionError(f"no {lines} log lines:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+
+
+def os_kill_group(proc: subprocess.Popen) -> None:
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.dist
+def test_sigterm_to_the_jobs_process_group_checkpoints_and_stops(setup):
+    """`kill -TERM -- -<pgid>` of a `deepspeed` job: every rank stops at the same step after a
+    committed checkpoint, and the runner exits."""
+    import os
+    import signal
+
+    root = setup
+    proc, log = _launch(root, "G", 1000)
+    try:
+        _wait_for_lines(proc, log, 2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=240)[0]
+    finally:
+        os_kill_group(proc)
+    summary = json.loads((log / "summary.json").read_text())
+    tag = f"iter_{summary['steps']:07d}"
+    assert 2 <= summary["steps"] < 1000 and "SIGTERM: stopped at step" in out, out[-3000:]
+    assert (root / "ckG" / "latest").read_text().strip() == tag
+    assert (root / "ckG" / tag / "ggspeed_complete.json").is_file()
+
+
+@pytest.mark.dist
+def test_sigterm_to_the_deepspeed_runner_alone_is_not_forwarded(setup):
+    """What docs/training.md warns about: on one node DeepSpeed 0.19.8's runner does not forward
+    SIGTERM; the ranks train to the end (so signal the process group or the ranks)."""
+    import os
+    import signal
+
+    root = setup
+    proc, log = _launch(root, "R", 12)
+    try:
+        _wait_for_lines(proc, log, 2)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        import time
+
+        deadline = time.monotonic() + 300
+        while not (log / "summary.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        summary = json.loads((log / "summary.json").read_text())
+        assert summary["steps"] == 12, summary
+        while time.monotonic() < deadline:  # the orphaned launcher and ranks finish on their own
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+    finally:
+        os_kill_group(proc)

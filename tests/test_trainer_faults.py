@@ -322,6 +322,54 @@ def test_bad_section_on_one_rank_stops_every_rank(tmp_path):
         assert r.seconds < bound, f"rank {r.rank} took {r.seconds:.0f} s"
 
 
+# ----------------------------------------------------------------------------- NaN
+
+
+def nan_gradient_outcome(stage: int, gct: bool) -> dict[str, Any]:
+    """One fp32 step where rank 1's input holds a NaN: what the step did to the weights."""
+    import torch
+
+    import ggspeed
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    section = {"gct": {"enabled": True}} if gct else {}
+    config = {**DS, "zero_optimization": {"stage": stage}, "ggspeed": section}
+    engine, *_ = ggspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    x = torch.ones(2, 4)
+    if engine.global_rank == 1:
+        x[0, 0] = float("nan")
+    engine.backward(engine(x).pow(2).mean())
+    engine.step()
+    params = list(engine.module.parameters())
+    return {
+        "all_nan": all(bool(p.isnan().all()) for p in params),
+        "unchanged": all(torch.equal(p, b) for p, b in zip(params, before, strict=True)),
+        "skipped": engine.skipped_steps,
+    }
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    ("stage", "gct"),
+    [(0, False), (1, False), (0, True)],
+    ids=["zero0-fp32_all_reduce", "zero1-fp32_all_reduce", "zero0-gct"],
+)
+def test_nan_gradient_skipped_under_zero1_poisons_zero0(stage, gct):
+    """What docs/failures.md states: a NaN gradient on one rank, fp32. ZeRO-1: every rank skips
+    the step (weights unchanged). ZeRO-0: DeepSpeed has no overflow check for fp32, every weight
+    on every rank becomes NaN, with GCT as with the plain all-reduce. (GCT under ZeRO-1 is left
+    out: that step can hang, see docs/failures.md.)"""
+    expected = (
+        {"all_nan": False, "unchanged": True, "skipped": 1}
+        if stage == 1
+        else {"all_nan": True, "unchanged": False, "skipped": 0}
+    )
+    for rank, out in enumerate(run_ranks(nan_gradient_outcome, 2, stage, gct, init_pg=False)):
+        assert out == expected, (rank, out)
+
+
 def rank_trainer(argvs: dict[str, list[str]]) -> None:
     """launch/pretrain_gpt.py as a script, with this rank's command line."""
     import runpy
