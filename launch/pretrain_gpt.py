@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import signal
@@ -23,9 +24,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the default --log-dir is under ROOT/build/runs
+log = logging.getLogger("pretrain_gpt")
+
+
+def setup_logging() -> None:
+    """The trainer's lines on stdout as plain messages (DeepSpeed's logger keeps its own)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 class SetupError(ValueError):
@@ -368,6 +378,7 @@ def plot(metrics: list[dict[str, Any]], out: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the summary dict (also written to <log-dir>/summary.json on rank 0)."""
     args = parse_args(argv)
+    setup_logging()
     from ggspeed.cpu_threads import limit_codec_threads  # imports neither numba nor torch
 
     limit_codec_threads()  # before numba's first import (ggspeed.initialize applies it too)
@@ -459,11 +470,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log_dir.mkdir(parents=True, exist_ok=True)
         mode = "a" if args.load else "w"
         metrics_file = open(log_dir / "metrics.jsonl", mode)  # noqa: SIM115 (closed below)
-        print(
-            f"[ggspeed] layout tp={layout.tp} pp={layout.pp} dp={layout.dp}; global batch "
-            f"{plan.global_batch} x {cfg.seq_len} tokens; steps {start}..{args.train_iters}; "
-            f"ggspeed: gg_init={gcfg.gg_init.enabled} act={gcfg.act.enabled} gct={gcfg.gct.enabled}",
-            flush=True,
+        log.info(
+            "[ggspeed] layout tp=%d pp=%d dp=%d; global batch %d x %d tokens; steps %d..%d; "
+            "ggspeed: gg_init=%s act=%s gct=%s",
+            *(layout.tp, layout.pp, layout.dp, plan.global_batch, cfg.seq_len),
+            *(start, args.train_iters, gcfg.gg_init.enabled, gcfg.act.enabled, gcfg.gct.enabled),
         )
         if not args.no_progress:
             from tqdm import tqdm
@@ -539,7 +550,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     refresh=False,
                 )
             elif rank == 0:
-                print(json.dumps(entry), flush=True)
+                log.info(json.dumps(entry))
         if bar is not None:
             bar.update(1)
         if step % args.eval_interval == 0 or step == args.train_iters:
@@ -550,9 +561,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.save:
                 last_ckpt = save(engine, args, step)
             if rank == 0:
-                print(
-                    f"[ggspeed] SIGTERM: stopped at step {step}, checkpoint {last_ckpt}", flush=True
-                )
+                log.info("[ggspeed] SIGTERM: stopped at step %d, checkpoint %s", step, last_ckpt)
             break
     if args.save and (last_ckpt is None or not str(last_ckpt).endswith(f"{step:07d}")):
         last_ckpt = save(engine, args, step)
@@ -609,7 +618,7 @@ def print_summary(s: dict[str, Any]) -> None:
         f"  checkpoint             {s['checkpoint']}",
         "=" * 64,
     ]
-    print("\n".join(lines), flush=True)
+    log.info("\n".join(lines))
 
 
 def shutdown() -> None:

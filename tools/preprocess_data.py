@@ -22,10 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".c", ".h", ".html", ".tex"}
 MIN_VOCAB = 257  # the byte-level BPE's 256 byte symbols + the EOD token
 BINARY_PROBE = 8192  # bytes read to tell a binary file (a NUL byte) from text
