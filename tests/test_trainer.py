@@ -256,7 +256,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(setup):
 
 
 def _launch(root: Path, tag: str, iters: int) -> tuple[subprocess.Popen, Path]:
-    """The trainer under DeepSpeed's `deepspeed` runner, 2 CPU ranks, in its own session."""
+    """The trainer under DeepSpeed's `deepspeed` runner, 2 CPU ranks, in its own process group."""
     import os
 
     from tests.dist import free_port
