@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import signal
@@ -23,9 +24,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the default --log-dir is under ROOT/build/runs
+log = logging.getLogger("pretrain_gpt")
+
+
+def setup_logging() -> None:
+    """The trainer's lines on stdout as plain messages (DeepSpeed's logger keeps its own)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 class SetupError(ValueError):
@@ -112,8 +122,11 @@ def load_model_config(path: str, data_vocab: int):
         raise SetupError(f"--model-config {path}: {e.strerror or e}") from e
     except json.JSONDecodeError as e:
         raise SetupError(f"--model-config {path}: invalid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise SetupError(f"--model-config {path}: must be a JSON object of GPTConfig fields")
     d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_comment" keys
     d.setdefault("vocab_size", data_vocab)
+    check_model_fields(d, path)
     try:
         cfg = GPTConfig.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -123,6 +136,36 @@ def load_model_config(path: str, data_vocab: int):
             f"--model-config {path}: vocab_size {cfg.vocab_size} is smaller than the dataset's {data_vocab}"
         )
     return cfg
+
+
+MODEL_INTS = {"vocab_size": 1, "seq_len": 1, "n_layer": 1, "n_head": 1, "d_model": 1, "d_ff": 0}
+
+
+def check_model_fields(d: dict[str, Any], path: str) -> None:
+    """Sizes and rates a GPT can be built from; SetupError naming the field and allowed values."""
+    for key, least in MODEL_INTS.items():
+        v = d.get(key, least)
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise SetupError(
+                f"--model-config {path}: {key} must be an integer >= {least}, got {v!r}"
+            )
+    dropout = d.get("dropout", 0.0)
+    if not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
+        raise SetupError(f"--model-config {path}: dropout must be in [0, 1), got {dropout!r}")
+    std = d.get("init_std", 0.02)
+    if not isinstance(std, int | float) or not 0.0 < std < math.inf:
+        raise SetupError(f"--model-config {path}: init_std must be > 0, got {std!r}")
+
+
+def check_splits(meta: dict[str, Any], seq_len: int, data_path: str) -> None:
+    """Each split holds at least one sequence (seq_len + 1 tokens) for training and validation."""
+    for split, counts in (meta.get("splits") or {}).items():
+        tokens = counts.get("tokens") if isinstance(counts, dict) else None
+        if isinstance(tokens, int) and tokens < seq_len + 1:
+            raise SetupError(
+                f"--model-config seq_len {seq_len} needs {seq_len + 1} tokens per sample, but "
+                f"--data-path {data_path}'s {split} split holds {tokens}"
+            )
 
 
 def batch_triple(ds: dict[str, Any], dp: int) -> tuple[int, int, int]:
@@ -157,17 +200,19 @@ def preflight(
     args: argparse.Namespace, world_size: int
 ) -> tuple[dict[str, Any], Any, Any, dict[str, Any]]:
     """Every check that needs no process group: returns (ds_config, GPTConfig, Layout, data meta)."""
-    from ggspeed.config import ConfigError, from_ds_config, load_ds_config
+    from ggspeed.config import ConfigError, load_ds_config
     from ggspeed.data.indexed import DataError, check_dataset_dir
     from ggspeed.models.gpt3d import check_layout
+    from ggspeed.runtime import validate_ds_config
 
     try:
         ds = load_ds_config(args.deepspeed_config)
-        from_ds_config(ds)
+        validate_ds_config(ds)  # the "ggspeed" section, and e.g. GCT refusing ZeRO-3
         meta = check_dataset_dir(args.data_path)
     except (ConfigError, DataError) as e:
         raise SetupError(str(e)) from e
     cfg = load_model_config(args.model_config, int(meta["vocab_size"]))
+    check_splits(meta, cfg.seq_len, args.data_path)
     try:
         layout = check_layout(cfg, world_size, args.tp, args.pp)
     except ValueError as e:
@@ -193,6 +238,25 @@ def preflight(
     if args.load is not None and not Path(args.load, "latest").is_file():
         raise SetupError(f"--load {args.load}: no 'latest' checkpoint file there")
     return ds, cfg, layout, meta
+
+
+def agree_on_preflight(error: str | None) -> None:
+    """Join the process group and exchange pre-flight verdicts; SetupError on every rank if any
+    rank's failed. Without it, a rank whose inputs differ (another node's files) exits alone and
+    its peers wait in the rendezvous for as long as nothing tears the job down."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from ggspeed import consensus
+
+    if not torch.cuda.is_available():
+        os.environ.pop("LOCAL_SIZE", None)  # no never-freed /dev/shm buffer on CPU (gloo)
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    consensus.agree(error, "pre-flight failed", SetupError)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -244,49 +308,44 @@ class StopFlag:
         self.requested = True
 
     def agreed(self) -> bool:
+        """Whether any rank was signalled: a MAX all-reduce of a CPU flag on ggspeed's gloo side
+        group (the default group may be NCCL, which takes no CPU tensors)."""
         import torch
         import torch.distributed as dist
 
+        from ggspeed import consensus
+
         t = torch.tensor([1.0 if self.requested else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=consensus.side_group())
         return bool(t.item())
 
 
-def save_rng(directory: Path, rank: int) -> None:
-    """Per-rank RNG streams (dropout), which DeepSpeed's checkpoint does not hold."""
+def rng_state() -> dict[str, Any]:
+    """This rank's RNG streams (dropout), which DeepSpeed's checkpoint does not hold."""
     import torch
     from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
 
     state = {"cpu": torch.get_rng_state(), "tracker": ds_ckpt.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    torch.save(state, directory / f"rng_rank{rank:05d}.pt")
+    return state
 
 
-def load_rng(directory: Path, rank: int) -> bool:
+def set_rng_state(state: dict[str, Any]) -> None:
     import torch
     from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
 
-    path = directory / f"rng_rank{rank:05d}.pt"
-    if not path.is_file():
-        return False
-    state = torch.load(path, weights_only=False)
     torch.set_rng_state(state["cpu"])
     ds_ckpt.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    return True
 
 
-def save(engine: Any, args: argparse.Namespace, step: int, rank: int) -> Path:
-    import torch.distributed as dist
-
+def save(engine: Any, args: argparse.Namespace, step: int) -> Path:
+    """A checkpoint that counts only once every rank wrote all of it (ggspeed.checkpoint)."""
     tag = f"iter_{step:07d}"
     engine.save_checkpoint(args.save, tag=tag, client_state={"iteration": step})
-    path = Path(args.save) / tag
-    save_rng(path, rank)
-    dist.barrier()
-    return path
+    return Path(args.save) / tag
 
 
 def plot(metrics: list[dict[str, Any]], out: Path) -> Path | None:
@@ -319,11 +378,20 @@ def plot(metrics: list[dict[str, Any]], out: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the summary dict (also written to <log-dir>/summary.json on rank 0)."""
     args = parse_args(argv)
+    setup_logging()
     from ggspeed.cpu_threads import limit_codec_threads  # imports neither numba nor torch
 
     limit_codec_threads()  # before numba's first import (ggspeed.initialize applies it too)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ds, cfg, layout, _ = preflight(args, world)
+    error = None
+    try:
+        ds, cfg, layout, _ = preflight(args, world)
+    except SetupError as e:
+        if world == 1:
+            raise
+        error = str(e)
+    if world > 1:  # tell the peers, whose pre-flight may have passed; raises on every rank
+        agree_on_preflight(error)
 
     import deepspeed
     import torch
@@ -373,6 +441,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             opt, lambda s: lr_factor(s, args)
         )
     engine, _, _, _ = ggspeed.initialize(args=args, model=model, **kwargs)
+    # saved in ggspeed's per-rank file, committed with the rest of the checkpoint
+    engine.ggspeed.add_state("rng", rng_state, set_rng_state)
 
     start = 0
     if args.load:
@@ -381,11 +451,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if path is None:
             raise SetupError(f"--load {args.load}: DeepSpeed found no checkpoint {tag!r} to load")
         start = int(client["iteration"])
-        if not load_rng(Path(args.load) / tag, rank) and rank == 0:
-            print(
-                f"[ggspeed] {args.load}/{tag} has no RNG states: dropout masks will differ",
-                flush=True,
-            )
     plan = BatchPlan(
         engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(), layout.dp
     )
@@ -405,11 +470,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log_dir.mkdir(parents=True, exist_ok=True)
         mode = "a" if args.load else "w"
         metrics_file = open(log_dir / "metrics.jsonl", mode)  # noqa: SIM115 (closed below)
-        print(
-            f"[ggspeed] layout tp={layout.tp} pp={layout.pp} dp={layout.dp}; global batch "
-            f"{plan.global_batch} x {cfg.seq_len} tokens; steps {start}..{args.train_iters}; "
-            f"ggspeed: gg_init={gcfg.gg_init.enabled} act={gcfg.act.enabled} gct={gcfg.gct.enabled}",
-            flush=True,
+        log.info(
+            "[ggspeed] layout tp=%d pp=%d dp=%d; global batch %d x %d tokens; steps %d..%d; "
+            "ggspeed: gg_init=%s act=%s gct=%s",
+            *(layout.tp, layout.pp, layout.dp, plan.global_batch, cfg.seq_len),
+            *(start, args.train_iters, gcfg.gg_init.enabled, gcfg.act.enabled, gcfg.gct.enabled),
         )
         if not args.no_progress:
             from tqdm import tqdm
@@ -485,23 +550,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     refresh=False,
                 )
             elif rank == 0:
-                print(json.dumps(entry), flush=True)
+                log.info(json.dumps(entry))
         if bar is not None:
             bar.update(1)
         if step % args.eval_interval == 0 or step == args.train_iters:
             valid_loss = evaluate(step)
         if args.save and args.save_interval and step % args.save_interval == 0:
-            last_ckpt = save(engine, args, step, rank)
+            last_ckpt = save(engine, args, step)
         if stop.agreed():
             if args.save:
-                last_ckpt = save(engine, args, step, rank)
+                last_ckpt = save(engine, args, step)
             if rank == 0:
-                print(
-                    f"[ggspeed] SIGTERM: stopped at step {step}, checkpoint {last_ckpt}", flush=True
-                )
+                log.info("[ggspeed] SIGTERM: stopped at step %d, checkpoint %s", step, last_ckpt)
             break
     if args.save and (last_ckpt is None or not str(last_ckpt).endswith(f"{step:07d}")):
-        last_ckpt = save(engine, args, step, rank)
+        last_ckpt = save(engine, args, step)
     if bar is not None:
         bar.close()
 
@@ -555,7 +618,7 @@ def print_summary(s: dict[str, Any]) -> None:
         f"  checkpoint             {s['checkpoint']}",
         "=" * 64,
     ]
-    print("\n".join(lines), flush=True)
+    log.info("\n".join(lines))
 
 
 def shutdown() -> None:

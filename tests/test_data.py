@@ -85,6 +85,34 @@ def test_jsonl_input_and_errors(tmp_path, dataset):
     )
 
 
+def test_preprocess_refuses_bad_arguments_before_work(tmp_path, capsys):
+    """Each bad argument: exit 2 with one line naming it, before the corpus is read."""
+    tool = _tool()
+    text = tmp_path / "a.txt"
+    text.write_text("def f(x):\n    return x\n")
+    blob = tmp_path / "b.txt"
+    blob.write_bytes(bytes(range(256)) * 4)
+    afile = tmp_path / "plain"
+    afile.write_text("x")
+    cases = [
+        (["--input", str(text), "--output-dir", str(afile / "sub")], "--output-dir", "is a file"),
+        (["--input", str(text), "--output-dir", str(afile)], "--output-dir", "not a folder"),
+        (["--vocab-size", "-5"], "--vocab-size -5", "must be >= 257"),
+        (["--vocab-size", "0"], "--vocab-size 0", "must be >= 257"),
+        (["--valid-fraction", "1.5"], "--valid-fraction 1.5", "(0, 1)"),
+        (["--max-files", "0"], "--max-files 0", ">= 1"),
+        (["--input", str(text), str(blob)], f"--input {blob}", "binary file"),
+    ]
+    for extra, arg, fault in cases:
+        if "--output-dir" not in extra:
+            extra = [*extra, "--output-dir", str(tmp_path / "out")]
+        assert tool.main(extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0, f"one line expected: {err}"
+        assert err.startswith("preprocess_data.py: error: ") and arg in err and fault in err, err
+    assert not (tmp_path / "out").exists(), "nothing written for a refused run"
+
+
 def test_missing_dataset_files_are_named(tmp_path, dataset):
     with pytest.raises(DataError, match="no such directory"):
         check_dataset_dir(tmp_path / "absent")

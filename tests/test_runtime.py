@@ -83,3 +83,29 @@ def test_missing_ds_config_is_an_error():
 
     with pytest.raises(ConfigError, match="no ds_config"):
         ggspeed.initialize(model=torch.nn.Linear(2, 2))
+
+
+def test_act_state_loads_with_weights_only_and_refuses_bad_entries():
+    """ACT's state is plain ints/floats (even with fitted rel_steps), so the checksummed file
+    reads back with weights_only=True; wrong entries are refused naming the key."""
+    from ggspeed.act.state import ACTState
+    from ggspeed.checkpoint import decode, encode
+    from ggspeed.config import ACTConfig
+
+    st = ACTState(ACTConfig(enabled=True, bits_target=3.0))
+    st.fit(0, torch.randn(4096))
+    st.on_step(7)
+    assert st.rel_steps, "the bits_target fit gives a rel_step"
+    payload = decode(encode({"act": st.state_dict()}), "act.pt")["act"]
+    fresh = ACTState(ACTConfig(enabled=True, bits_target=3.0))
+    fresh.load_state_dict(payload)
+    assert (fresh.step, fresh.shapes, fresh.rel_steps) == (7, st.shapes, st.rel_steps)
+    for bad, key in (
+        ([1], "must be a dict"),
+        ({"step": "7"}, "'step'"),
+        ({"step": 1, "shapes": {0: float("nan")}}, "'shapes'"),
+        ({"step": 1, "rel_steps": [0.1]}, "'rel_steps'"),
+    ):
+        with pytest.raises(ValueError, match=key):
+            fresh.load_state_dict(bad)
+    assert fresh.step == 7, "a refused state leaves the loaded one in place"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import subprocess
@@ -104,6 +105,59 @@ def test_bad_setups_fail_before_training(setup):
     assert (layout.tp, layout.pp, layout.dp) == (1, 2, 2) and cfg.vocab_size == meta["vocab_size"]
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("n_head", 0, "n_head must be an integer >= 1, got 0"),
+        ("n_layer", 0, "n_layer must be an integer >= 1, got 0"),
+        ("seq_len", 0, "seq_len must be an integer >= 1, got 0"),
+        ("d_model", -32, "d_model must be an integer >= 1, got -32"),
+        ("d_model", 32.5, "d_model must be an integer >= 1, got 32.5"),
+        ("dropout", 2.0, "dropout must be in [0, 1), got 2.0"),
+        ("seq_len", 10**7, "seq_len 10000000 needs 10000001 tokens per sample, but --data-path"),
+    ],
+)
+def test_bad_model_fields_fail_before_any_process_group(setup, field, value, message):
+    """Each is refused by the pre-flight with the field named; once they reached torch/megatron
+    (ZeroDivisionError, empty pipelines, a sampler with no sample)."""
+    import torch.distributed as dist
+
+    root = setup
+    bad = root / f"model_{field}_{value}.json"
+    bad.write_text(json.dumps({**MODEL, field: value}))
+    msg = preflight_error(root, 2, write_ds(root, "ok.json"), "--model-config", str(bad))
+    assert message in msg and (field in msg or "--model-config" in msg), msg
+    assert not dist.is_initialized(), "the pre-flight must not need a process group"
+
+
+def test_gct_with_zero3_fails_before_the_model_is_built(setup):
+    root = setup
+    z3 = write_ds(root, "z3.json", zero_optimization={"stage": 3})
+    msg = preflight_error(root, 2, z3)
+    assert "zero_optimization.stage" in msg and "3" in msg, msg
+
+
+@pytest.mark.dist
+def test_preflight_error_on_one_rank_stops_every_rank(setup):
+    """Rank 1's model config is bad, rank 0's fine; separate processes, no launcher to tear the
+    job down: both exit 2 with rank 1's error, within a bound."""
+    from tests.test_trainer_faults import popen_ranks
+
+    root = setup
+    bad = root / "model_bad_rank.json"
+    bad.write_text(json.dumps({**MODEL, "n_head": 0}))
+    ds = write_ds(root, "ok.json")
+    argvs = {"0": argv(root, ds), "1": argv(root, ds, "--model-config", str(bad))}
+    bound = 120.0
+    for r in popen_ranks("rank_trainer", 2, argvs, timeout=bound + 60):
+        assert r.returncode == 2, f"rank {r.rank} ({r.returncode}):\n{r.output[-3000:]}"
+        assert (
+            f"pretrain_gpt.py: error: pre-flight failed: rank 1: --model-config {bad}: n_head "
+            "must be an integer >= 1, got 0" in r.output
+        ), r.output[-3000:]
+        assert r.seconds < bound, f"rank {r.rank} took {r.seconds:.0f} s"
+
+
 def test_script_reports_setup_errors(setup):
     root = setup
     r = subprocess.run(
@@ -199,3 +253,95 @@ def test_sigterm_saves_a_checkpoint_and_stops(setup):
     tag = f"iter_{out[0]['steps']:07d}"
     assert out[0]["checkpoint"].endswith(tag) and (root / "ckT" / tag).is_dir()
     assert (root / "ckT" / "latest").read_text().strip() == tag
+
+
+def _launch(root: Path, tag: str, iters: int) -> tuple[subprocess.Popen, Path]:
+    """The trainer under DeepSpeed's `deepspeed` runner, 2 CPU ranks, in its own process group."""
+    import os
+
+    from tests.dist import free_port
+
+    ds = write_ds(root, "plain.json", ggspeed={})
+    args = argv(root, ds, "--save", str(root / f"ck{tag}"), "--log-dir", str(root / f"log{tag}"))
+    args[args.index("--train-iters") + 1] = str(iters)
+    runner = Path(sys.executable).parent / "deepspeed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [str(runner), "--num_gpus", "2", "--master_port", str(free_port()),
+         str(ROOT / "launch" / "pretrain_gpt.py"), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    return proc, root / f"log{tag}"
+
+
+def _wait_for_lines(proc: subprocess.Popen, log: Path, lines: int, timeout: float = 300) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    metrics = log / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= lines):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os_kill_group(proc)
+            raise AssertionError(f"no {lines} log lines:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+
+
+def os_kill_group(proc: subprocess.Popen) -> None:
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.dist
+def test_sigterm_to_the_jobs_process_group_checkpoints_and_stops(setup):
+    """`kill -TERM -- -<pgid>` of a `deepspeed` job: every rank stops at the same step after a
+    committed checkpoint, and the runner exits."""
+    import os
+    import signal
+
+    root = setup
+    proc, log = _launch(root, "G", 1000)
+    try:
+        _wait_for_lines(proc, log, 2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=240)[0]
+    finally:
+        os_kill_group(proc)
+    summary = json.loads((log / "summary.json").read_text())
+    tag = f"iter_{summary['steps']:07d}"
+    assert 2 <= summary["steps"] < 1000 and "SIGTERM: stopped at step" in out, out[-3000:]
+    assert (root / "ckG" / "latest").read_text().strip() == tag
+    assert (root / "ckG" / tag / "ggspeed_complete.json").is_file()
+
+
+@pytest.mark.dist
+def test_sigterm_to_the_deepspeed_runner_alone_is_not_forwarded(setup):
+    """What docs/training.md warns about: on one node DeepSpeed 0.19.8's runner does not forward
+    SIGTERM; the ranks train to the end (so signal the process group or the ranks)."""
+    import os
+    import signal
+
+    root = setup
+    proc, log = _launch(root, "R", 12)
+    try:
+        _wait_for_lines(proc, log, 2)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        import time
+
+        deadline = time.monotonic() + 300
+        while not (log / "summary.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        summary = json.loads((log / "summary.json").read_text())
+        assert summary["steps"] == 12, summary
+        while time.monotonic() < deadline:  # the orphaned launcher and ranks finish on their own
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+    finally:
+        os_kill_group(proc)

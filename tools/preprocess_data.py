@@ -15,17 +15,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".c", ".h", ".html", ".tex"}
+MIN_VOCAB = 257  # the byte-level BPE's 256 byte symbols + the EOD token
+BINARY_PROBE = 8192  # bytes read to tell a binary file (a NUL byte) from text
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """ValueError naming ``--output-dir`` when it cannot become a writable folder."""
+    out = Path(output_dir)
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "" if probe == out else f" ({probe} is a file)"
+        raise ValueError(f"--output-dir {out}: not a folder{where}")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--output-dir {out}: {probe} is not writable")
+
+
+def check_text_file(path: Path, flag: str = "--input") -> None:
+    """ValueError for a binary file (a NUL byte in its first bytes): tokenizing it trains on noise."""
+    with open(path, "rb") as f:
+        head = f.read(BINARY_PROBE)
+    if b"\0" in head:
+        raise ValueError(f"{flag} {path}: a binary file (NUL bytes), not text")
+
+
+def check_arguments(
+    vocab_size: int, valid_fraction: float, max_files: int | None, tokenizer: str | None
+) -> None:
+    """The numeric arguments, before any file is read; ValueError naming the argument."""
+    if tokenizer is None and vocab_size < MIN_VOCAB:
+        raise ValueError(
+            f"--vocab-size {vocab_size}: must be >= {MIN_VOCAB} "
+            "(256 byte symbols + the EOD token of the trained byte-level BPE)"
+        )
+    if not 0.0 < valid_fraction < 1.0:
+        raise ValueError(f"--valid-fraction {valid_fraction}: must be in (0, 1)")
+    if max_files is not None and max_files < 1:
+        raise ValueError(f"--max-files {max_files}: must be >= 1")
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:
@@ -43,6 +80,8 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
             raise FileNotFoundError(f"--input {item}: no such file or directory")
     if not files:
         raise FileNotFoundError(f"--input {' '.join(inputs)}: no text files found")
+    for f in files:
+        check_text_file(f)
     return files
 
 
@@ -93,6 +132,8 @@ def prepare(
     from ggspeed.data.indexed import write_indexed
 
     out = Path(output_dir)
+    check_arguments(vocab_size, valid_fraction, max_files, tokenizer)
+    check_output_dir(out)
     files = expand_inputs(inputs) if inputs else stdlib_files(include_tests)
     if max_files is not None:
         files = files[:max_files]
@@ -183,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             include_tests=args.include_tests,
             max_files=args.max_files,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, OSError) as e:
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)
         return 2
     s = meta["splits"]

@@ -176,16 +176,35 @@ class ACTState:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain Python ints and floats only: the file loads with ``torch.load(weights_only=True)``."""
         return {
-            "step": self.step,
-            "shapes": dict(self.shapes),
-            "rel_steps": dict(self.rel_steps),
+            "step": int(self.step),
+            "shapes": {int(k): float(v) for k, v in self.shapes.items()},
+            "rel_steps": {int(k): float(v) for k, v in self.rel_steps.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.shapes = {int(k): float(v) for k, v in state.get("shapes", {}).items()}
-        self.rel_steps = {int(k): float(v) for k, v in state.get("rel_steps", {}).items()}
+        """ValueError naming the entry when ``state`` is not what :meth:`state_dict` gives."""
+        if not isinstance(state, dict):
+            raise ValueError(f"ACT state must be a dict, got {type(state).__name__}")
+        step = state.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"ACT state 'step': got {step!r}, expected an integer >= 0")
+        tables = {}
+        for key in ("shapes", "rel_steps"):
+            table = state.get(key, {})
+            ok = isinstance(table, dict) and all(
+                isinstance(k, int) and isinstance(v, int | float) and math.isfinite(v) and v > 0
+                for k, v in table.items()
+            )
+            if not ok:
+                raise ValueError(
+                    f"ACT state {key!r}: expected {{block: positive finite number}}, "
+                    f"got {table!r:.80}"
+                )
+            tables[key] = {int(k): float(v) for k, v in table.items()}
+        self.step = step
+        self.shapes, self.rel_steps = tables["shapes"], tables["rel_steps"]
         self._fit_due = set()
 
 
