@@ -168,16 +168,22 @@ def run_one(c: Any, args: argparse.Namespace, layout: str, config: str, rate: st
     run.gct_bits_per_element = summary.get("gct_bits_per_element")
     run.act_bits_per_element = summary.get("act_bits_per_element")
     run.bytes_per_step, run.bytes_per_step_by_node = counters.per_step(skip=2)
-    # Training time (step times the trainer measured; validation excluded) at each validation.
     seq = json.loads(Path(args.model_config).read_text())["seq_len"]
-    tokens_per_step = args.global_batch * seq
-    t = 0.0
+    run.valid = valid_curve(log, args.global_batch * seq)
+    return run
+
+
+def valid_curve(log: Path, tokens_per_step: int) -> list[tuple[float, int, float]]:
+    """(training time, step, validation loss) at each validation. Training time is the sum of
+    the step times the trainer measured from step 2 on (as its tokens/s: step 1 pays one-time
+    set-up such as JIT compilation); validation is excluded."""
+    t, out = 0.0, []
     for m in map(json.loads, (log / "metrics.jsonl").read_text().splitlines()):
-        if "tokens_per_s" in m:
+        if "tokens_per_s" in m and m["step"] > 1:
             t += tokens_per_step / m["tokens_per_s"]
         if "valid_loss" in m:
-            run.valid.append((t, m["step"], m["valid_loss"]))
-    return run
+            out.append((t, m["step"], m["valid_loss"]))
+    return out
 
 
 def time_to(run: Run, target: float) -> float | None:
@@ -243,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-path", default=str(ROOT / "build" / "data" / "stdlib-v4096"))
     p.add_argument("--cluster-id", type=int, default=None, help="default: the first free id >= 20")
     p.add_argument("--out", default=str(ROOT / "build" / "bench_cluster"))
+    p.add_argument("--replot", action="store_true",
+                   help="only recompute the table and plot from --out/results.json and the logs")  # fmt: skip
     args = p.parse_args(argv)
+    if args.replot:
+        return replot(Path(args.out), args)
     layouts = args.layouts.split(",")
     bad = [x for x in layouts if x not in LAYOUTS]
     if bad:
@@ -283,6 +293,20 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
     finally:
         c.down()
+    return report(runs, args, out)
+
+
+def replot(out: Path, args: argparse.Namespace) -> int:
+    saved = json.loads((out / "results.json").read_text())
+    runs = [Run(**r) for r in saved["runs"]]
+    seq = json.loads(Path(saved["args"]["model_config"]).read_text())["seq_len"]
+    for r in runs:
+        r.valid = valid_curve(Path(r.log_dir), saved["args"]["global_batch"] * seq)
+    saved["args"]["target_loss"] = args.target_loss
+    return report(runs, argparse.Namespace(**saved["args"]), out)
+
+
+def report(runs: list[Run], args: argparse.Namespace, out: Path) -> int:
     target = args.target_loss
     if target is None:
         target = max(r.final_valid_loss for r in runs)
