@@ -28,11 +28,6 @@ from tests.test_model3d import TOL
 from tests.test_trainer import MODEL, ds_config
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [
-    pytest.mark.dist,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the simulated cluster needs root"),
-]
 RUN_TIMEOUT = 600
 
 
@@ -107,6 +102,9 @@ def summary(root: Path, log: str) -> dict:
     return json.loads((root / log / "summary.json").read_text())
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="the simulated cluster needs root")
 @pytest.mark.parametrize(
     ("layout", "tp", "pp"),
     [("TP2-in-node_x_DP2-across", 2, 1), ("PP2-across_x_DP2-in-node", 1, 2)],
@@ -129,6 +127,9 @@ def test_two_nodes_equal_one_node(cluster, layout, tp, pp):
     assert two["gct_bits_per_element"] is not None and two["act_bits_per_element"] is not None
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="the simulated cluster needs root")
 def test_killed_rank_stops_every_node_then_resumes(cluster):
     c, root = cluster
     ck = root / "ck"
@@ -169,6 +170,9 @@ def test_killed_rank_stops_every_node_then_resumes(cluster):
     assert all(x == x for x in s["losses"])
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="the simulated cluster needs root")
 def test_up_down_leaves_nothing():
     cl = _cluster_module()
     shm_before = _shm()
@@ -188,3 +192,16 @@ def test_up_down_leaves_nothing():
     assert not any(cl._alive(pid) for pid in pids)
     assert not (c.dir / "state.json").exists()
     assert _shm() <= shm_before
+
+
+@pytest.mark.parametrize(
+    ("kw", "key"),
+    [({"rate": "fast"}, "rate 'fast'"), ({"latency": "1s"}, "latency '1s'"),
+     ({"cluster_id": 512}, "cluster id 512"), ({"nodes": 0}, "nodes 0"),
+     ({"ranks_per_node": 0}, "ranks per node 0")],
+)  # fmt: skip
+def test_bad_settings_are_refused_naming_them(kw, key):
+    cl = _cluster_module()
+    with pytest.raises(cl.ClusterError, match="allowed") as e:
+        cl.Cluster(**kw).check()
+    assert key in str(e.value)
