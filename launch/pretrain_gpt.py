@@ -591,15 +591,23 @@ class PeerWatch:
             dist.get_world_size(),
         )
         self.period_s = period_s
-        threading.Thread(target=self._beat, daemon=True, name="ggspeed-peer-watch").start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="ggspeed-peer-watch")
+        self._thread.start()
 
     def _beat(self) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
                 self.store.add(f"ggspeed/beat/{self.rank}", 1)
             except Exception:  # the store (rank 0) is gone: the main thread will find out
                 return
-            time.sleep(self.period_s)
+            self._stop.wait(self.period_s)
+
+    def stop(self) -> None:
+        """Before the process group goes: a store call running during interpreter teardown
+        aborts the process."""
+        self._stop.set()
+        self._thread.join()
 
     def _beats(self) -> list[int]:
         keys = [f"ggspeed/beat/{r}" for r in range(self.world)]
@@ -624,6 +632,7 @@ class PeerWatch:
                 f"[ggspeed] rank {self.rank}: rendezvous store unreachable ({e})", file=sys.stderr
             )
             lost = [0]
+        self.stop()
         print(f"[ggspeed] rank {self.rank}: a collective failed ({first}); ranks lost: "
               f"{', '.join(map(str, lost)) or 'none'}", file=sys.stderr, flush=True)  # fmt: skip
 
@@ -640,4 +649,6 @@ if __name__ == "__main__":
         if WATCH is not None:
             WATCH.report(e)
         raise
+    if WATCH is not None:
+        WATCH.stop()
     shutdown()
