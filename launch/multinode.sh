@@ -5,6 +5,12 @@
 #     HOSTFILE=launch/hostfile.example bash launch/multinode.sh --train-iters 100000 --save ckpt
 #   Without ssh (run on every node, same command, NODE_RANK = its line in the hostfile, from 0):
 #     NODE_RANK=1 MASTER_ADDR=10.0.0.1 HOSTFILE=hostfile bash launch/multinode.sh ...
+#   On a simulated cluster on this machine (root; network namespaces, sshd per node, pdsh):
+#     python tools/cluster.py up 2 --ranks-per-node 2 --rate 100mbit
+#     python tools/cluster.py exec 0 env HOSTFILE=build/cluster/0/hostfile MASTER_ADDR=198.18.0.1 \
+#         TP=2 PP=1 DS_CONFIG=configs/ds_tiny_cpu.json MODEL_CONFIG=configs/model/tiny.json \
+#         bash launch/multinode.sh --train-iters 100
+#     python tools/cluster.py down
 #
 # Settings (environment): HOSTFILE, DS_CONFIG, MODEL_CONFIG, DATA_PATH, TP, PP, MASTER_ADDR,
 # MASTER_PORT, NODE_RANK. Extra arguments go to launch/pretrain_gpt.py. DP = world / (TP x PP).

@@ -412,6 +412,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gcfg = from_ds_config(ds)
     init_parallel(cfg, args.tp, args.pp, seed=args.seed)
     rank = dist.get_rank()
+    if __name__ == "__main__":
+        global WATCH
+        WATCH = PeerWatch()
     ckpt_layers = args.checkpoint_num_layers
     if ckpt_layers is None:
         ckpt_layers = 1 if ("activation_checkpointing" in ds or gcfg.act.enabled) else 0
@@ -631,10 +634,84 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+class PeerWatch:
+    """Names the ranks that died when a collective fails (a killed rank cannot say so itself).
+
+    Every rank bumps a counter in the rendezvous store each second from a daemon thread (it keeps
+    running while the main thread waits in a collective); after a failure each surviving rank
+    reports the ranks whose counters stopped without a report of their own. Rank 0 hosts the
+    store, so it leaves last."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        import threading
+
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        self.store, self.rank, self.world = (
+            _get_default_store(),
+            dist.get_rank(),
+            dist.get_world_size(),
+        )
+        self.period_s = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="ggspeed-peer-watch")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.store.add(f"ggspeed/beat/{self.rank}", 1)
+            except Exception:  # the store (rank 0) is gone: the main thread will find out
+                return
+            self._stop.wait(self.period_s)
+
+    def stop(self) -> None:
+        """Before the process group goes: a store call running during interpreter teardown
+        aborts the process."""
+        self._stop.set()
+        self._thread.join()
+
+    def _beats(self) -> list[int]:
+        keys = [f"ggspeed/beat/{r}" for r in range(self.world)]
+        return [int(self.store.get(k)) if self.store.check([k]) else 0 for k in keys]
+
+    def report(self, error: BaseException) -> None:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        try:
+            before = self._beats()
+            time.sleep(4 * self.period_s)
+            after = self._beats()
+            self.store.set(f"ggspeed/done/{self.rank}", "1")
+            done = [self.store.check([f"ggspeed/done/{r}"]) for r in range(self.world)]
+            lost = [r for r in range(self.world) if after[r] == before[r] and not done[r]]
+            if self.rank == 0:  # keep the store up until every live rank has read it
+                deadline = time.monotonic() + 30
+                alive = [f"ggspeed/done/{r}" for r in range(self.world) if r not in lost]
+                while not self.store.check(alive) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+        except Exception as e:  # the store lives in rank 0's process
+            print(
+                f"[ggspeed] rank {self.rank}: rendezvous store unreachable ({e})", file=sys.stderr
+            )
+            lost = [0]
+        self.stop()
+        print(f"[ggspeed] rank {self.rank}: a collective failed ({first}); ranks lost: "
+              f"{', '.join(map(str, lost)) or 'none'}", file=sys.stderr, flush=True)  # fmt: skip
+
+
+WATCH: PeerWatch | None = None
+
 if __name__ == "__main__":
     try:
         main()
     except SetupError as e:
         print(f"pretrain_gpt.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        if WATCH is not None:
+            WATCH.report(e)
+        raise
+    if WATCH is not None:
+        WATCH.stop()
     shutdown()
