@@ -6,6 +6,7 @@ network namespaces, 2 nodes x 2 ranks.
   order, so the same sums; the tolerance of tests/test_model3d.py).
 - A rank killed on one node: every rank on every node and the launcher exit in bounded time,
   with a line naming the dead rank; ``--load`` then resumes from the last checkpoint.
+- A bad ggspeed section on one node: the other node's ranks stop on their own with the error.
 - ``up`` / ``down`` leave no namespace, sshd or /dev/shm segment behind.
 
 Needs root (namespaces, tc, sshd); the cluster installs pdsh and openssh with apt when missing.
@@ -168,6 +169,34 @@ def test_killed_rank_stops_every_node_then_resumes(cluster):
     s = summary(root, "resume")
     assert s["steps"] == step + 2 and len(s["losses"]) == 2
     assert all(x == x for x in s["losses"])
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="the simulated cluster needs root")
+def test_bad_section_on_one_node_stops_every_rank(cluster):
+    """Node 1's ranks hold a bad ggspeed section. Node 1's launcher can stop only its own ranks;
+    node 0's ranks must reach the same verdict and exit on their own, in bounded time."""
+    c, _ = cluster
+    bound = 240
+    start = time.monotonic()
+    rc, out = launch(c, [str(ROOT / "tests" / "cluster_bad_section_script.py")], timeout=bound)
+    took = time.monotonic() - start
+    assert rc != 0 and took < bound, out[-6000:]
+    lines = {}
+    for line in out.splitlines():
+        if "[bad-section] rank " in line:
+            host, _, rest = line.partition(": [bad-section] rank ")
+            rank, _, verdict = rest.partition(": ")
+            lines[int(rank)] = (host.strip(), verdict)
+    for rank in (0, 1):  # node 0: nothing killed them, they stopped with the verdict
+        host, verdict = lines.get(rank, ("", ""))
+        assert host == c.host(0), (rank, out[-6000:])
+        assert verdict.startswith("ConfigError") and "ggspeed.log_interval: got 0" in verdict, (
+            rank,
+            verdict,
+        )
+    assert not any(c.rank_pids(n) for n in range(c.nodes)), "ranks still running"
 
 
 @pytest.mark.dist
