@@ -1,15 +1,18 @@
-"""``ggspeed.initialize``: ``deepspeed.initialize`` with GG Init, ACT and GCT from the ds_config.
+"""``ggspeed.initialize``: ``deepspeed.initialize`` with GG Init, ACT, GCT and the coded
+parameter all-gather (``ggspeed.wire``) from the ds_config.
 
 The order matters and is the whole point of this module:
 
 1. read and validate the ``"ggspeed"`` section (errors name the key, before anything is built);
-2. ask each enabled feature whether it can serve the DeepSpeed settings (e.g. GCT refuses ZeRO-3);
+2. ask each enabled feature whether it can serve the DeepSpeed settings (e.g. GCT and the coded
+   parameter all-gather refuse ZeRO-3);
 3. exchange every rank's verdict of 1-2 (a rank with a bad section must not leave its peers
    waiting), then check that every rank was started with the same section (a hash, then the
    differing key): every rank raises the same error;
 4. GG Init the model *before* DeepSpeed builds its optimizer (and broadcasts rank 0's weights);
 5. ``deepspeed.initialize`` with the caller's arguments, unchanged;
-6. install ACT and GCT on the engine *instance* (DeepSpeed 0.19.8 has no comm-hook registry);
+6. install ACT, GCT and the coded parameter all-gather on the engine *instance* (DeepSpeed
+   0.19.8 has no comm-hook registry);
 7. hook the engine's optimizer step (schedules, telemetry) and its checkpoint save/load, so the
    per-rank ggspeed state (error-feedback residuals, schedules) survives a restart, and a
    checkpoint counts only once every rank wrote it (see :mod:`ggspeed.checkpoint`).
@@ -41,7 +44,7 @@ STATE_VERSION = 1
 
 @runtime_checkable
 class Component(Protocol):
-    """What runtime drives on an installed feature (GCTState, the ACT state)."""
+    """What runtime drives on an installed feature (GCTState, the ACT state, CodedParamGather)."""
 
     name: str
 
@@ -358,6 +361,10 @@ def validate_ds_config(ds_config: Mapping[str, Any]) -> GGSpeedConfig:
         from . import act
 
         act.check_ds_config(ds_config, cfg.act)
+    if cfg.wire.param_gather.enabled:
+        from . import wire
+
+        wire.check_ds_config(ds_config)
     return cfg
 
 
@@ -432,6 +439,10 @@ def initialize(
         from . import gct
 
         handle.add(gct.install(engine, cfg.gct))
+    if cfg.wire.param_gather.enabled:
+        from . import wire
+
+        handle.add(wire.install_coded_param_gather(engine, cfg.wire.param_gather))
     engine.ggspeed = handle
     _install_step_hook(engine, handle)
     _install_checkpoint_hooks(engine, handle)

@@ -83,3 +83,60 @@ def test_config_round_trips_through_json():
     cfg = from_ds_config({"ggspeed": {"log_interval": 7, "act": {"enabled": True}}})
     again = from_ds_config({"ggspeed": json.loads(cfg.model_dump_json())})
     assert again == cfg
+
+
+def test_wire_param_gather_switch_and_bad_values_name_the_key():
+    from ggspeed.runtime import validate_ds_config
+    from ggspeed.wire import ParamGatherSettings
+
+    zero1 = {"zero_optimization": {"stage": 1}}
+    cfg = from_ds_config({"ggspeed": {"wire": {"param_gather": {"enabled": True}}}})
+    assert cfg.wire.param_gather.enabled and cfg.any_enabled
+    assert cfg.wire.param_gather == ParamGatherSettings(enabled=True)  # one model, one default
+    assert not from_ds_config({}).wire.param_gather.enabled
+    for bad, key in [
+        ({"quant_step": 0}, "quant_step"),
+        ({"quant_step": float("inf")}, "quant_step"),
+        ({"quant_step": True}, "quant_step"),
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": 4096.0}, "block_size"),
+        ({"eg_order": 16}, "eg_order"),
+        ({"eg_order": True}, "eg_order"),
+        ({"eg_order": "best"}, "eg_order"),
+        ({"zero_runs": 1}, "zero_runs"),
+        ({"capacity_slack": -0.1}, "capacity_slack"),
+        ({"capacity_slack": 11}, "capacity_slack"),
+        ({"enabled": "yes"}, "enabled"),
+        ({"quant_stp": 1.0}, "quant_stp"),
+    ]:
+        section = {"wire": {"param_gather": {"enabled": True, **bad}}}
+        with pytest.raises(ConfigError, match=rf"^ggspeed\.wire\.param_gather\.{key}: "):
+            validate_ds_config({**zero1, "ggspeed": section})
+    good = {
+        "quant_step": 0.5,
+        "block_size": 1,
+        "eg_order": 15,
+        "capacity_slack": 0,
+        "enabled": True,
+    }
+    assert validate_ds_config({**zero1, "ggspeed": {"wire": {"param_gather": good}}})
+    with pytest.raises(ConfigError, match=r"ggspeed\.wire\.param_gatherr: unknown key"):
+        from_ds_config({"ggspeed": {"wire": {"param_gatherr": {}}}})
+
+
+def test_wire_param_gather_refuses_deepspeed_settings_naming_the_key():
+    from ggspeed.runtime import validate_ds_config
+
+    on = {"ggspeed": {"wire": {"param_gather": {"enabled": True}}}}
+    for zero, key in [
+        ({"stage": 3}, r"zero_optimization\.stage: got 3"),
+        ({"stage": 0}, r"zero_optimization\.stage: got 0"),
+        ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, r"zero_optimization\.offload_opt"),
+    ]:
+        with pytest.raises(ConfigError, match=key) as info:
+            validate_ds_config({"zero_optimization": zero, **on})
+        assert "ggspeed.wire.param_gather.enabled" in str(info.value)
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage: got 0"):
+        validate_ds_config(on)  # no zero_optimization: stage 0, nothing to gather
+    # Off, the same DeepSpeed settings pass: the check belongs to the switch.
+    assert not validate_ds_config({"zero_optimization": {"stage": 3}}).any_enabled

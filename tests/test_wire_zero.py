@@ -181,7 +181,7 @@ def _cases(cases: list[tuple[str, int, bool]], tmpdir: str | None) -> dict:
         out["full"] = (_working(engine), _masters(engine))
         engine, state = _engine(2, True, True)
         engine.load_checkpoint(tmpdir, tag="mid")
-        state.load_state_dict(torch.load(path, weights_only=False))
+        state.load_state_dict(torch.load(path, weights_only=True))
         _train(engine, counter, n, start=n)
         out["resumed"] = (_working(engine), _masters(engine))
         out["resumed_calls"] = state.stats.calls
@@ -194,7 +194,7 @@ def _cases(cases: list[tuple[str, int, bool]], tmpdir: str | None) -> dict:
         # A state saved with other settings is refused, naming the key.
         other = CodedParamGather(ParamGatherSettings(**{**SETTINGS, "quant_step": 2.0}))
         try:
-            other.load_state_dict(torch.load(path, weights_only=False))
+            other.load_state_dict(torch.load(path, weights_only=True))
             out["other_settings"] = None
         except ValueError as err:
             out["other_settings"] = str(err)
@@ -259,8 +259,8 @@ def test_coded_param_gather_4_ranks() -> None:
 
 
 def test_settings_refused_naming_the_key() -> None:
-    from ggspeed.config import ConfigError
-    from ggspeed.wire import ParamGatherSettings, check_ds_config
+    from ggspeed.config import ConfigError, from_ds_config
+    from ggspeed.wire import check_ds_config
 
     for bad, key in [
         ({"quant_step": 0}, "quant_step"),
@@ -272,7 +272,7 @@ def test_settings_refused_naming_the_key() -> None:
         ({"quant_stp": 1.0}, "quant_stp"),
     ]:
         with pytest.raises(ConfigError, match=rf"ggspeed\.wire\.param_gather.*{key}"):
-            ParamGatherSettings.from_mapping(bad)
+            from_ds_config({"ggspeed": {"wire": {"param_gather": bad}}})
     with pytest.raises(ConfigError, match=r"zero_optimization\.stage: got 3"):
         check_ds_config({"zero_optimization": {"stage": 3}})
     with pytest.raises(ConfigError, match=r"zero_optimization\.stage: got 0"):
@@ -280,6 +280,55 @@ def test_settings_refused_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"zero_optimization\.offload_optimizer"):
         check_ds_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
     check_ds_config({"zero_optimization": {"stage": 1}})
+
+
+def _through_initialize(tmpdir: str) -> dict:
+    """The ds_config switch: ggspeed.initialize installs the coded gather as a component."""
+    import deepspeed
+
+    import ggspeed
+
+    deepspeed.init_distributed("gloo")
+    ds_config = {
+        **_ds_config(1),
+        "ggspeed": {"log_interval": 2, "wire": {"param_gather": {"enabled": True, **SETTINGS}}},
+    }
+    out: dict = {}
+
+    def build():
+        model = _model()
+        engine, *_ = ggspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=ds_config
+        )
+        return engine
+
+    counter = _Counter()
+    engine = build()
+    gather = engine.ggspeed.components["param_gather"]
+    _train(engine, counter, 4)
+    out["scalars"] = engine.ggspeed.scalars()
+    out["calls"] = gather.stats.calls
+    engine.save_checkpoint(tmpdir, tag="t4")  # ggspeed's per-rank file, loaded weights_only
+    _train(engine, counter, 2, start=4)
+    out["full"] = _working(engine)
+    engine = build()
+    engine.load_checkpoint(tmpdir, tag="t4")
+    gather = engine.ggspeed.components["param_gather"]
+    out["loaded"] = (gather.global_step, gather.stats.calls, list(gather.capacity))
+    _train(engine, counter, 2, start=4)
+    out["resumed"] = _working(engine)
+    return out
+
+
+def test_switched_on_from_the_ds_config(tmp_path) -> None:
+    res = run_ranks(_through_initialize, 2, str(tmp_path), init_pg=False, timeout=300)
+    for r in res:
+        assert torch.equal(r["full"], res[0]["full"]), "replicas diverged"
+        assert torch.equal(r["resumed"], r["full"]), "resume through ggspeed's checkpoint differs"
+        assert r["calls"] == 4 and r["loaded"][:2] == (4, 4) and all(r["loaded"][2])
+        s = r["scalars"]
+        assert 0 < s["param_gather/bits_per_element"] < 32, s
+        assert s["param_gather/full_width_bits_per_element"] == 32, s
 
 
 def test_component_protocol() -> None:

@@ -19,6 +19,7 @@ from .act import ACTConfig
 from .base import Section
 from .gct import GCTConfig
 from .gg_init import GGInitConfig
+from .wire import ParamGatherConfig, WireConfig
 
 __all__ = [
     "ACTConfig",
@@ -26,7 +27,9 @@ __all__ = [
     "GCTConfig",
     "GGInitConfig",
     "GGSpeedConfig",
+    "ParamGatherConfig",
     "Section",
+    "WireConfig",
     "from_ds_config",
     "load_ds_config",
 ]
@@ -43,10 +46,16 @@ class GGSpeedConfig(Section):
     gg_init: GGInitConfig = Field(default_factory=GGInitConfig)
     act: ACTConfig = Field(default_factory=ACTConfig)
     gct: GCTConfig = Field(default_factory=GCTConfig)
+    wire: WireConfig = Field(default_factory=WireConfig)
 
     @property
     def any_enabled(self) -> bool:
-        return self.gg_init.enabled or self.act.enabled or self.gct.enabled
+        return (
+            self.gg_init.enabled
+            or self.act.enabled
+            or self.gct.enabled
+            or self.wire.param_gather.enabled
+        )
 
 
 class ConfigError(ValueError):

@@ -112,7 +112,7 @@ class CodedParamGather:
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
-            "settings": self.settings.as_dict(),
+            "settings": self.settings.coding(),
             "capacity": list(self.capacity),
             "global_step": self.global_step,
             "stats": dataclasses.asdict(self.stats),
@@ -122,7 +122,7 @@ class CodedParamGather:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"{KEY}: saved state version {state.get('version')!r} unsupported")
         saved = state.get("settings", {})
-        for key, value in self.settings.as_dict().items():
+        for key, value in self.settings.coding().items():
             if saved.get(key) != value:
                 raise ValueError(
                     f"{KEY}.{key}: the checkpoint was saved with {saved.get(key)!r}, this run "

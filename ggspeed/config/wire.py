@@ -1,0 +1,89 @@
+"""The ``ggspeed.wire`` section: coding the traffic DeepSpeed sends at full width.
+
+``param_gather`` is also the settings object of :func:`ggspeed.wire.install_coded_param_gather`
+(``ggspeed.wire.ParamGatherSettings`` is this class), so a ds_config key and the library argument
+are checked by the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from .base import Section
+
+KEY = "ggspeed.wire.param_gather"
+"""Where the parameter all-gather's settings live in a ds_config; errors name keys below it."""
+
+
+class ParamGatherConfig(Section):
+    """The ZeRO-1/2 parameter all-gather after each optimizer step, sent as coded updates."""
+
+    enabled: bool = Field(
+        False,
+        strict=True,
+        description=(
+            "Send each rank's updated ZeRO-1/2 partition as Exp-Golomb-coded quantized updates "
+            "against the weights every replica holds, instead of DeepSpeed's full-width "
+            "all-gather; replicas stay bit-identical, the fp32 master weights exact. Needs "
+            "zero_optimization.stage 1 or 2 without offload_optimizer."
+        ),
+    )
+    quant_step: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        strict=True,
+        description=(
+            "Quantization step as a multiple of the RMS of each block of the update (master "
+            "minus the working weights, so it carries the previous step's quantization error). "
+            "Larger: fewer bits, replicas further behind the masters (at most half a step per "
+            "element; the error is sent again at the next step)."
+        ),
+    )
+    block_size: int = Field(
+        4096,
+        ge=1,
+        strict=True,
+        description="Consecutive elements sharing one quantization step (32 bits of step per block).",
+    )
+    eg_order: int | Literal["auto"] = Field(
+        "auto",
+        description="Exp-Golomb order of the coded chunks: an integer 0..15, or 'auto' (per chunk).",
+    )
+    zero_runs: bool = Field(
+        True, strict=True, description="Code runs of zero levels (the codec's runs mode)."
+    )
+    capacity_slack: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        strict=True,
+        description=(
+            "Each rank's message goes out in a slot sized for the previous step's longest "
+            "message x (1 + capacity_slack); a longer message costs a second all-gather of the "
+            "remainders."
+        ),
+    )
+
+    @field_validator("eg_order", mode="before")
+    @classmethod
+    def _eg_order(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and 0 <= value <= 15):
+            return value
+        raise ValueError("allowed: an integer 0..15 or 'auto'")
+
+    def coding(self) -> dict[str, Any]:
+        """The settings that shape the coded messages (all but ``enabled``): a resume must
+        match them."""
+        return self.model_dump(exclude={"enabled"})
+
+
+class WireConfig(Section):
+    """Coded collectives beyond the data-parallel gradient reduction (which ggspeed.gct codes)."""
+
+    param_gather: ParamGatherConfig = Field(
+        default_factory=ParamGatherConfig,
+        description="The ZeRO-1/2 parameter all-gather after each optimizer step, coded.",
+    )
