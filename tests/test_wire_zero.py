@@ -283,7 +283,8 @@ def test_settings_refused_naming_the_key() -> None:
 
 
 def _through_initialize(tmpdir: str) -> dict:
-    """The ds_config switch: ggspeed.initialize installs the coded gather as a component."""
+    """The ds_config switch: ggspeed.initialize installs the coded gather as a component (with
+    GCT's coded gradient reduction, as a training run would use them together)."""
     import deepspeed
 
     import ggspeed
@@ -291,7 +292,11 @@ def _through_initialize(tmpdir: str) -> dict:
     deepspeed.init_distributed("gloo")
     ds_config = {
         **_ds_config(1),
-        "ggspeed": {"log_interval": 2, "wire": {"param_gather": {"enabled": True, **SETTINGS}}},
+        "ggspeed": {
+            "log_interval": 2,
+            "gct": {"enabled": True},
+            "wire": {"param_gather": {"enabled": True, **SETTINGS}},
+        },
     }
     out: dict = {}
 
@@ -329,6 +334,7 @@ def test_switched_on_from_the_ds_config(tmp_path) -> None:
         s = r["scalars"]
         assert 0 < s["param_gather/bits_per_element"] < 32, s
         assert s["param_gather/full_width_bits_per_element"] == 32, s
+        assert 0 < s["gct/bits_per_element"] < 32, s
 
 
 def test_component_protocol() -> None:

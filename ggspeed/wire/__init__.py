@@ -3,7 +3,8 @@
     state = install_coded_param_gather(engine, ParamGatherSettings(quant_step=1.0))
     ...train...; state.scalars()["bits_per_element"]
 
-See docs/wire.md.
+In a ds_config: ``"ggspeed": {"wire": {"param_gather": {"enabled": true}}}`` with
+``ggspeed.initialize``. See docs/wire.md.
 """
 
 from __future__ import annotations
