@@ -128,15 +128,25 @@ def test_wire_param_gather_refuses_deepspeed_settings_naming_the_key():
     from ggspeed.runtime import validate_ds_config
 
     on = {"ggspeed": {"wire": {"param_gather": {"enabled": True}}}}
-    for zero, key in [
-        ({"stage": 3}, r"zero_optimization\.stage: got 3"),
-        ({"stage": 0}, r"zero_optimization\.stage: got 0"),
-        ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, r"zero_optimization\.offload_opt"),
+    # bf16 with fp32 gradient accumulation: ZeRO-1 makes DeepSpeed use BF16_Optimizer (a gather
+    # of its own), ZeRO-2 keeps DeepSpeedZeroOptimizer.
+    bf16_fp32 = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+    for ds, key in [
+        ({"zero_optimization": {"stage": 3}}, r"zero_optimization\.stage: got 3"),
+        ({"zero_optimization": {"stage": 0}}, r"zero_optimization\.stage: got 0"),
+        ({}, r"zero_optimization\.stage: got 0"),  # DeepSpeed's default: nothing to gather
+        (
+            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+            r"zero_optimization\.offload_optimizer",
+        ),
+        (
+            {"zero_optimization": {"stage": 1}, **bf16_fp32},
+            r"data_types\.grad_accum_dtype: got 'fp32'",
+        ),
     ]:
         with pytest.raises(ConfigError, match=key) as info:
-            validate_ds_config({"zero_optimization": zero, **on})
+            validate_ds_config({**ds, **on})
         assert "ggspeed.wire.param_gather.enabled" in str(info.value)
-    with pytest.raises(ConfigError, match=r"zero_optimization\.stage: got 0"):
-        validate_ds_config(on)  # no zero_optimization: stage 0, nothing to gather
+    assert validate_ds_config({"zero_optimization": {"stage": 2}, **bf16_fp32, **on}).any_enabled
     # Off, the same DeepSpeed settings pass: the check belongs to the switch.
     assert not validate_ds_config({"zero_optimization": {"stage": 3}}).any_enabled

@@ -244,7 +244,8 @@ def _refuse_stage(stage: int) -> None:
 
 def check_ds_config(ds_config: Mapping[str, Any]) -> None:
     """Refuse DeepSpeed settings the coded gather cannot serve, naming the key (before
-    ``deepspeed.initialize``)."""
+    ``deepspeed.initialize``): ZeRO-0/3, optimizer offload, bf16 ZeRO-1 with fp32 gradient
+    accumulation (DeepSpeed's BF16_Optimizer)."""
     _refuse_stage(_stage(ds_config))
     zero = ds_config.get("zero_optimization") or {}
     off = zero.get("offload_optimizer") if isinstance(zero, Mapping) else None
@@ -254,6 +255,23 @@ def check_ds_config(ds_config: Mapping[str, Any]) -> None:
             f"zero_optimization.offload_optimizer: got {off!r}; {KEY}.enabled does not support "
             f"optimizer offload: remove it or set {KEY}.enabled to false"
         )
+    bf16 = ds_config.get("bf16") or ds_config.get("bfloat16") or {}
+    types = ds_config.get("data_types") or {}
+    accum = types.get("grad_accum_dtype") if isinstance(types, Mapping) else None
+    if (
+        isinstance(bf16, Mapping)
+        and bf16.get("enabled") is True
+        and _stage(ds_config) == 1
+        and str(accum).lower() in _FP32_NAMES
+    ):
+        raise ConfigError(
+            f"data_types.grad_accum_dtype: got {accum!r}; with bf16 and ZeRO-1 it makes "
+            f"DeepSpeed use BF16_Optimizer, whose gather {KEY}.enabled does not code: drop "
+            f"data_types.grad_accum_dtype or set {KEY}.enabled to false"
+        )
+
+
+_FP32_NAMES = ("fp32", "float32", "float", "torch.float32")
 
 
 _ARMED: CodedParamGather | None = None
