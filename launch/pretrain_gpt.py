@@ -715,6 +715,26 @@ def final_scalars(engine: Any) -> dict[str, float]:
     return {k: float(v) for k, v in scal.items()}
 
 
+def print_summary(s: dict[str, Any]) -> None:
+    def fmt(v: Any) -> str:
+        return "n/a (feature off)" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = [
+        "=" * 64,
+        f"ggspeed pretraining finished: {s['steps']} steps, layout {s['layout']}",
+        f"  final train loss       {fmt(s['final_train_loss'])}",
+        f"  final validation loss  {fmt(s['final_valid_loss'])}",
+        f"  throughput             {fmt(s['tokens_per_s'])} tokens/s",
+        f"  GCT bits per element   {fmt(s['gct_bits_per_element'])}",
+        f"  ACT bits per element   {fmt(s['act_bits_per_element'])}",
+        f"  logs                   {s['log_dir']}/metrics.jsonl (summary.json)",
+        f"  plot                   {s.get('plot')}",
+        f"  checkpoint             {s['checkpoint']}",
+        "=" * 64,
+    ]
+    log.info("\n".join(lines))
+
+
 def finish(run: Run, metrics: MetricsLog, state: LoopState) -> dict[str, Any]:
     """The summary (summary.json, loss.png and the printed table on rank 0); leaves Megatron's
     groups."""
@@ -760,26 +780,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics = open_metrics(run)
     state = train(run, metrics)
     return finish(run, metrics, state)
-
-
-def print_summary(s: dict[str, Any]) -> None:
-    def fmt(v: Any) -> str:
-        return "n/a (feature off)" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = [
-        "=" * 64,
-        f"ggspeed pretraining finished: {s['steps']} steps, layout {s['layout']}",
-        f"  final train loss       {fmt(s['final_train_loss'])}",
-        f"  final validation loss  {fmt(s['final_valid_loss'])}",
-        f"  throughput             {fmt(s['tokens_per_s'])} tokens/s",
-        f"  GCT bits per element   {fmt(s['gct_bits_per_element'])}",
-        f"  ACT bits per element   {fmt(s['act_bits_per_element'])}",
-        f"  logs                   {s['log_dir']}/metrics.jsonl (summary.json)",
-        f"  plot                   {s.get('plot')}",
-        f"  checkpoint             {s['checkpoint']}",
-        "=" * 64,
-    ]
-    log.info("\n".join(lines))
 
 
 def shutdown() -> None:
