@@ -11,8 +11,6 @@ setting (world size, divisibility, missing data, batch sizes, a known DeepSpeed 
 reported before anything is built. See docs/training.md.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import logging
@@ -21,8 +19,9 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parents[1]  # the default --log-dir is under ROOT/build/runs
 log = logging.getLogger("pretrain_gpt")
@@ -372,16 +371,33 @@ def plot(metrics: list[dict[str, Any]], out: Path) -> Path | None:
     return out
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- build
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train; returns the summary dict (also written to <log-dir>/summary.json on rank 0)."""
-    args = parse_args(argv)
-    setup_logging()
-    from ggspeed.cpu_threads import limit_codec_threads  # imports neither numba nor torch
+@dataclass
+class Run:
+    """What build() sets up and the train loop and finish() share."""
 
-    limit_codec_threads()  # before numba's first import (ggspeed.initialize applies it too)
+    args: argparse.Namespace
+    cfg: Any  # GPTConfig
+    layout: Any  # ggspeed.models.gpt3d.Layout
+    gcfg: Any  # ggspeed.config.GGSpeedConfig
+    rank: int
+    engine: Any  # DeepSpeed's PipelineEngine with .ggspeed
+    start: int  # the step a resumed run continues from (0 for a fresh one)
+    plan: Any  # ggspeed.data.indexed.BatchPlan
+    dp_rank: int
+    batches: Any  # TrainBatches: this rank's micro-batches from `start` on
+    valid_sampler: Any
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.plan.global_batch * self.cfg.seq_len
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
+    """Pre-flight on this rank, then (with peers) every rank's verdict: (ds_config, GPTConfig,
+    Layout); SetupError on every rank if any rank's failed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     error = None
     try:
@@ -392,29 +408,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         error = str(e)
     if world > 1:  # tell the peers, whose pre-flight may have passed; raises on every rank
         agree_on_preflight(error)
+    return ds, cfg, layout
 
-    import deepspeed
-    import torch
+
+def start_distributed(args: argparse.Namespace, cfg: Any) -> int:
+    """Megatron's TP/PP/DP groups and seeds; as a script, the heartbeat that names lost ranks.
+    Returns this rank."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    import ggspeed
-    from ggspeed.config import from_ds_config
-    from ggspeed.data.indexed import (
-        BatchPlan,
-        SequenceSampler,
-        TokenStream,
-        TrainBatches,
-        eval_batches,
-    )
-    from ggspeed.models.gpt3d import build_pipeline_model, init_parallel
+    from ggspeed.models.gpt3d import init_parallel
 
-    gcfg = from_ds_config(ds)
     init_parallel(cfg, args.tp, args.pp, seed=args.seed)
-    rank = dist.get_rank()
     if __name__ == "__main__":
         global WATCH
         WATCH = PeerWatch()
+    return dist.get_rank()
+
+
+def build_model(args: argparse.Namespace, ds: dict[str, Any], cfg: Any, layout: Any, gcfg: Any):
+    """This rank's pipeline stage, with activation checkpointing (ACT's when it is on) and GG Init."""
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    from ggspeed.models.gpt3d import build_pipeline_model
+
     ckpt_layers = args.checkpoint_num_layers
     if ckpt_layers is None:
         ckpt_layers = 1 if ("activation_checkpointing" in ds or gcfg.act.enabled) else 0
@@ -425,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from ggspeed.act import checkpoint as act_checkpoint
 
         ckpt_func = act_checkpoint
-    model = build_pipeline_model(
+    return build_pipeline_model(
         cfg,
         layout,
         seed=args.seed,
@@ -434,6 +451,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gg_init=gcfg.gg_init,
         cpu_init=True if args.use_cpu_initialization else None,
     )
+
+
+def build_engine(args: argparse.Namespace, ds: dict[str, Any], model: Any) -> Any:
+    """ggspeed.initialize with the trainer's AdamW and LR schedule unless the ds_config has its own."""
+    import torch
+
+    import ggspeed
+
     kwargs: dict[str, Any] = {}
     if "optimizer" not in ds:
         kwargs["optimizer"] = make_optimizer(model, args)
@@ -446,14 +471,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     engine, _, _, _ = ggspeed.initialize(args=args, model=model, **kwargs)
     # saved in ggspeed's per-rank file, committed with the rest of the checkpoint
     engine.ggspeed.add_state("rng", rng_state, set_rng_state)
+    return engine
 
-    start = 0
-    if args.load:
-        tag = (Path(args.load) / "latest").read_text().strip()
-        path, client = engine.load_checkpoint(args.load, tag=tag)
-        if path is None:
-            raise SetupError(f"--load {args.load}: DeepSpeed found no checkpoint {tag!r} to load")
-        start = int(client["iteration"])
+
+def resume(engine: Any, args: argparse.Namespace) -> int:
+    """Load --load's latest checkpoint; the step to continue from (0 without --load)."""
+    if not args.load:
+        return 0
+    tag = (Path(args.load) / "latest").read_text().strip()
+    path, client = engine.load_checkpoint(args.load, tag=tag)
+    if path is None:
+        raise SetupError(f"--load {args.load}: DeepSpeed found no checkpoint {tag!r} to load")
+    return int(client["iteration"])
+
+
+def build(args: argparse.Namespace, ds: dict[str, Any], cfg: Any, layout: Any) -> Run:
+    """Process groups, model, engine, resumed state and this rank's data streams."""
+    from ggspeed.config import from_ds_config
+    from ggspeed.data.indexed import BatchPlan, SequenceSampler, TokenStream, TrainBatches
+
+    gcfg = from_ds_config(ds)
+    rank = start_distributed(args, cfg)
+    model = build_model(args, ds, cfg, layout, gcfg)
+    engine = build_engine(args, ds, model)
+    start = resume(engine, args)
     plan = BatchPlan(
         engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(), layout.dp
     )
@@ -464,37 +505,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         TokenStream(data / "valid"), cfg.seq_len, seed=args.seed, shuffle=False
     )
     batches = TrainBatches(train_sampler, plan, dp_rank, start_step=start)
-    tokens_per_step = plan.global_batch * cfg.seq_len
+    return Run(args, cfg, layout, gcfg, rank, engine, start, plan, dp_rank, batches, valid_sampler)
 
-    log_dir = Path(args.log_dir or ROOT / "build" / "runs" / time.strftime("%Y%m%d-%H%M%S"))
-    metrics: list[dict[str, Any]] = []
-    bar = None
-    if rank == 0:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        mode = "a" if args.load else "w"
-        metrics_file = open(log_dir / "metrics.jsonl", mode)  # noqa: SIM115 (closed below)
-        log.info(
-            "[ggspeed] layout tp=%d pp=%d dp=%d; global batch %d x %d tokens; steps %d..%d; "
-            "ggspeed: gg_init=%s act=%s gct=%s",
-            *(layout.tp, layout.pp, layout.dp, plan.global_batch, cfg.seq_len),
-            *(start, args.train_iters, gcfg.gg_init.enabled, gcfg.act.enabled, gcfg.gct.enabled),
-        )
-        if not args.no_progress:
-            from tqdm import tqdm
 
-            bar = tqdm(
-                total=args.train_iters,
-                initial=start,
-                desc="train",
-                dynamic_ncols=True,
-                mininterval=0.5,
-            )
+# ----------------------------------------------------------------------------- logs
 
-    def record(entry: dict[str, Any]) -> None:
-        metrics.append(entry)
-        if rank == 0:
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
+
+@dataclass
+class MetricsLog:
+    """Every logged entry: kept on each rank (the summary's losses), written to metrics.jsonl and
+    shown in the progress bar or as a line on rank 0, and sent to DeepSpeed's monitor."""
+
+    log_dir: Path
+    rank: int
+    monitor: Any
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    file: IO[str] | None = None
+    bar: Any = None
+
+    def record(self, entry: dict[str, Any]) -> None:
+        self.entries.append(entry)
+        if self.file is not None:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
         # ggspeed's own scalars ("gct/...", "act/...") reach the monitor from ggspeed.initialize
         # as ggspeed/<feature>/<key>; the trainer adds loss, lr, tokens/s and validation loss.
         events = [
@@ -502,106 +535,184 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for k, v in entry.items()
             if k != "step" and "/" not in k and isinstance(v, int | float)
         ]
-        if engine.monitor.enabled and events:
-            engine.monitor.write_events(events)
+        if self.monitor.enabled and events:
+            self.monitor.write_events(events)
 
-    def evaluate(step: int) -> float:
-        losses = []
-        it = eval_batches(valid_sampler, plan, dp_rank, args.eval_iters)
-        for _ in range(args.eval_iters):
-            losses.append(float(engine.eval_batch(it)))
-        loss = sum(losses) / len(losses)
-        record({"step": step, "valid_loss": loss})
-        return loss
+    def show(self, entry: dict[str, Any]) -> None:
+        """A logged step in the progress bar, or as a JSON line without one (rank 0)."""
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{entry['loss']:.3f}",
+                tok_s=f"{entry['tokens_per_s']:.0f}",
+                lr=f"{entry['lr']:.2e}",
+                gct_bits=f"{entry.get('gct/bits_per_element', float('nan')):.2f}",
+                act_bits=f"{entry.get('act/bits_per_element', float('nan')):.2f}",
+                refresh=False,
+            )
+        elif self.rank == 0:
+            log.info(json.dumps(entry))
 
-    stop = StopFlag()
-    train_time, trained_steps, last_loss, valid_loss = 0.0, 0, float("nan"), float("nan")
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def open_metrics(run: Run) -> MetricsLog:
+    """The log folder, metrics.jsonl (appended to on resume), the run's header line and the
+    progress bar, all on rank 0."""
+    args = run.args
+    log_dir = Path(args.log_dir or ROOT / "build" / "runs" / time.strftime("%Y%m%d-%H%M%S"))
+    metrics = MetricsLog(log_dir, run.rank, run.engine.monitor)
+    if run.rank != 0:
+        return metrics
+    log_dir.mkdir(parents=True, exist_ok=True)
+    metrics.file = open(log_dir / "metrics.jsonl", "a" if args.load else "w")  # noqa: SIM115
+    layout, gcfg = run.layout, run.gcfg
+    log.info(
+        "[ggspeed] layout tp=%d pp=%d dp=%d; global batch %d x %d tokens; steps %d..%d; "
+        "ggspeed: gg_init=%s act=%s gct=%s",
+        *(layout.tp, layout.pp, layout.dp, run.plan.global_batch, run.cfg.seq_len),
+        *(run.start, args.train_iters, gcfg.gg_init.enabled, gcfg.act.enabled, gcfg.gct.enabled),
+    )
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        metrics.bar = tqdm(
+            total=args.train_iters,
+            initial=run.start,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+    return metrics
+
+
+# ----------------------------------------------------------------------------- train loop
+
+
+@dataclass
+class LoopState:
+    """Where the loop is, and what the summary reports of it."""
+
+    step: int
+    train_time: float = 0.0  # seconds in train_batch, the first step (one-time set-up) left out
+    trained_steps: int = 0  # the steps train_time covers
+    last_loss: float = math.nan
+    valid_loss: float = math.nan
     last_ckpt: Path | None = None
-    step = start
-    profile_dir = os.environ.get("GGSPEED_PROFILE_DIR")  # cProfile of each rank's steps 2..N
-    prof = None
-    while step < args.train_iters:
-        if profile_dir and prof is None and step > start:
+
+
+class StepProfiler:
+    """cProfile of each rank's steps after the first, when GGSPEED_PROFILE_DIR names a folder."""
+
+    def __init__(self) -> None:
+        self.dir = os.environ.get("GGSPEED_PROFILE_DIR")
+        self.prof: Any = None
+
+    def start(self) -> None:
+        if self.dir and self.prof is None:
             import cProfile
 
-            prof = cProfile.Profile()
-            prof.enable()
-        t0 = time.perf_counter()
-        loss = float(engine.train_batch(batches))
-        dt = time.perf_counter() - t0
-        step += 1
-        if step > start + 1:  # the first step pays one-time set-up
-            train_time += dt
-            trained_steps += 1
-        last_loss = loss
-        entry = {
-            "step": step,
-            "loss": loss,
-            "lr": float(engine.get_lr()[0]),
-            "tokens_per_s": tokens_per_step / dt,
-        }
-        entry.update({k: float(v) for k, v in engine.ggspeed.scalars().items()})
+            self.prof = cProfile.Profile()
+            self.prof.enable()
+
+    def dump(self, rank: int) -> None:
+        if self.prof is not None:
+            self.prof.disable()
+            Path(self.dir).mkdir(parents=True, exist_ok=True)
+            self.prof.dump_stats(str(Path(self.dir) / f"rank{rank}.prof"))
+
+
+def train_step(run: Run, state: LoopState) -> dict[str, Any]:
+    """One global batch; its metrics entry (loss, lr, tokens/s and ggspeed's scalars)."""
+    engine = run.engine
+    t0 = time.perf_counter()
+    loss = float(engine.train_batch(run.batches))
+    dt = time.perf_counter() - t0
+    state.step += 1
+    if state.step > run.start + 1:  # the first step pays one-time set-up
+        state.train_time += dt
+        state.trained_steps += 1
+    state.last_loss = loss
+    entry = {
+        "step": state.step,
+        "loss": loss,
+        "lr": float(engine.get_lr()[0]),
+        "tokens_per_s": run.tokens_per_step / dt,
+    }
+    entry.update({k: float(v) for k, v in engine.ggspeed.scalars().items()})
+    return entry
+
+
+def evaluate(run: Run, metrics: MetricsLog, step: int) -> float:
+    """Mean validation loss over --eval-iters global batches, recorded at ``step``."""
+    from ggspeed.data.indexed import eval_batches
+
+    args = run.args
+    losses = []
+    it = eval_batches(run.valid_sampler, run.plan, run.dp_rank, args.eval_iters)
+    for _ in range(args.eval_iters):
+        losses.append(float(run.engine.eval_batch(it)))
+    loss = sum(losses) / len(losses)
+    metrics.record({"step": step, "valid_loss": loss})
+    return loss
+
+
+def train(run: Run, metrics: MetricsLog) -> LoopState:
+    """Steps up to --train-iters or an agreed SIGTERM, logging, validating and saving on their
+    intervals; a checkpoint of the last step when --save is given."""
+    args, engine = run.args, run.engine
+    state = LoopState(step=run.start)
+    stop = StopFlag()
+    profiler = StepProfiler()
+    while state.step < args.train_iters:
+        if state.step > run.start:
+            profiler.start()
+        entry = train_step(run, state)
+        step = state.step
         if step % args.log_interval == 0 or step == args.train_iters:
-            record(entry)
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{loss:.3f}",
-                    tok_s=f"{entry['tokens_per_s']:.0f}",
-                    lr=f"{entry['lr']:.2e}",
-                    gct_bits=f"{entry.get('gct/bits_per_element', float('nan')):.2f}",
-                    act_bits=f"{entry.get('act/bits_per_element', float('nan')):.2f}",
-                    refresh=False,
-                )
-            elif rank == 0:
-                log.info(json.dumps(entry))
-        if bar is not None:
-            bar.update(1)
+            metrics.record(entry)
+            metrics.show(entry)
+        metrics.advance()
         if step % args.eval_interval == 0 or step == args.train_iters:
-            valid_loss = evaluate(step)
+            state.valid_loss = evaluate(run, metrics, step)
         if args.save and args.save_interval and step % args.save_interval == 0:
-            last_ckpt = save(engine, args, step)
+            state.last_ckpt = save(engine, args, step)
         if stop.agreed():
             if args.save:
-                last_ckpt = save(engine, args, step)
-            if rank == 0:
-                log.info("[ggspeed] SIGTERM: stopped at step %d, checkpoint %s", step, last_ckpt)
+                state.last_ckpt = save(engine, args, step)
+            if run.rank == 0:
+                log.info(
+                    "[ggspeed] SIGTERM: stopped at step %d, checkpoint %s", step, state.last_ckpt
+                )
             break
-    if args.save and (last_ckpt is None or not str(last_ckpt).endswith(f"{step:07d}")):
-        last_ckpt = save(engine, args, step)
-    if bar is not None:
-        bar.close()
+    if args.save and (
+        state.last_ckpt is None or not str(state.last_ckpt).endswith(f"{state.step:07d}")
+    ):
+        state.last_ckpt = save(engine, args, state.step)
+    metrics.close_bar()
+    profiler.dump(run.rank)
+    return state
 
-    if prof is not None:
-        prof.disable()
-        Path(profile_dir).mkdir(parents=True, exist_ok=True)
-        prof.dump_stats(str(Path(profile_dir) / f"rank{rank}.prof"))
-    # The last log interval's scalars; a run shorter than ggspeed.log_interval collects them now
-    # (a collective: every rank takes the same branch, their step counts are equal).
+
+# ----------------------------------------------------------------------------- finish
+
+
+def final_scalars(engine: Any) -> dict[str, float]:
+    """The last log interval's ggspeed scalars; a run shorter than ggspeed.log_interval collects
+    them now (a collective: every rank takes the same branch, their step counts are equal)."""
     scal = engine.ggspeed.scalars()
     if not scal and engine.ggspeed.components:
         scal = engine.ggspeed.collect()
-    scal = {k: float(v) for k, v in scal.items()}
-    summary = {
-        "steps": step,
-        "final_train_loss": last_loss,
-        "final_valid_loss": valid_loss,
-        "tokens_per_s": tokens_per_step * trained_steps / train_time
-        if train_time > 0
-        else float("nan"),
-        "gct_bits_per_element": scal.get("gct/bits_per_element"),
-        "act_bits_per_element": scal.get("act/bits_per_element"),
-        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
-        "log_dir": str(log_dir),
-        "checkpoint": str(last_ckpt) if last_ckpt else None,
-        "losses": [m["loss"] for m in metrics if "loss" in m],
-    }
-    if rank == 0:
-        metrics_file.close()
-        summary["plot"] = str(plot(metrics, log_dir / "loss.png"))
-        (log_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        print_summary(summary)
-    ps.destroy_model_parallel()
-    return summary
+    return {k: float(v) for k, v in scal.items()}
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -622,6 +733,53 @@ def print_summary(s: dict[str, Any]) -> None:
         "=" * 64,
     ]
     log.info("\n".join(lines))
+
+
+def finish(run: Run, metrics: MetricsLog, state: LoopState) -> dict[str, Any]:
+    """The summary (summary.json, loss.png and the printed table on rank 0); leaves Megatron's
+    groups."""
+    from megatron.core import parallel_state as ps
+
+    scal = final_scalars(run.engine)
+    layout = run.layout
+    summary = {
+        "steps": state.step,
+        "final_train_loss": state.last_loss,
+        "final_valid_loss": state.valid_loss,
+        "tokens_per_s": run.tokens_per_step * state.trained_steps / state.train_time
+        if state.train_time > 0
+        else float("nan"),
+        "gct_bits_per_element": scal.get("gct/bits_per_element"),
+        "act_bits_per_element": scal.get("act/bits_per_element"),
+        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+        "log_dir": str(metrics.log_dir),
+        "checkpoint": str(state.last_ckpt) if state.last_ckpt else None,
+        "losses": [m["loss"] for m in metrics.entries if "loss" in m],
+    }
+    if run.rank == 0:
+        metrics.close()
+        summary["plot"] = str(plot(metrics.entries, metrics.log_dir / "loss.png"))
+        (metrics.log_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print_summary(summary)
+    ps.destroy_model_parallel()
+    return summary
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train; returns the summary dict (also written to <log-dir>/summary.json on rank 0)."""
+    args = parse_args(argv)
+    setup_logging()
+    from ggspeed.cpu_threads import limit_codec_threads  # imports neither numba nor torch
+
+    limit_codec_threads()  # before numba's first import (ggspeed.initialize applies it too)
+    ds, cfg, layout = check_inputs(args)
+    run = build(args, ds, cfg, layout)
+    metrics = open_metrics(run)
+    state = train(run, metrics)
+    return finish(run, metrics, state)
 
 
 def shutdown() -> None:
