@@ -29,6 +29,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """What a launcher gives one local rank: its place in the job, the rendezvous on loopback,
+    and one OpenMP and one numba thread (ranks share the machine's cores)."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+        "NUMBA_NUM_THREADS": "1",
+    }
+
+
 def _entry(
     local_rank: int,
     fn: Callable[..., Any],
@@ -40,16 +54,7 @@ def _entry(
     init_pg: bool,
     env: dict[str, str],
 ) -> None:
-    os.environ.update(
-        RANK=str(local_rank),
-        LOCAL_RANK=str(local_rank),
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-        NUMBA_NUM_THREADS="1",
-        **env,
-    )
+    os.environ.update(rank_env(local_rank, world_size, port), **env)
     os.environ.pop("LOCAL_SIZE", None)
     import torch
     import torch.distributed as dist

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.dist import free_port, run_ranks
+from tests.dist import rank_env as dist_rank_env
 from tests.scripts import ROOT
 
 DS = {
@@ -54,17 +55,7 @@ def popen_ranks(
         rank_env = {
             k: v for k, v in os.environ.items() if k not in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE")
         }
-        rank_env.update(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            NUMBA_NUM_THREADS="1",
-            PYTHONPATH=str(ROOT),
-            **(env or {}),
-        )
+        rank_env.update(dist_rank_env(rank, world, port), PYTHONPATH=str(ROOT), **(env or {}))
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-m", "tests.test_trainer_faults", function, json.dumps(args)],
