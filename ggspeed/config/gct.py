@@ -72,6 +72,19 @@ class GCTConfig(Section):
             "(allgather for 2 ranks, else reduce_scatter). Same result bit for bit."
         ),
     )
+    hierarchical: bool | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Hierarchical data parallelism when the data-parallel group spans several nodes with "
+            "several ranks on each: a full-precision reduce-scatter within the node, the "
+            "compressed all-reduce across nodes (local rank i carries chunk i, 1/R of the "
+            "bucket), an all-gather within the node; only coded bytes cross nodes. 'auto' = on "
+            "when the launcher gives the node layout (CROSS_RANK from deepspeed's launcher, "
+            "GROUP_RANK from torchrun) and every data-parallel group has the same number (> 1) of "
+            "ranks on each of its nodes (> 1), else the flat path (logged); true = on or refused "
+            "at install; false = the flat path."
+        ),
+    )
     error_feedback: bool = Field(
         True,
         description=(

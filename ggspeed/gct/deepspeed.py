@@ -17,6 +17,10 @@ Error-feedback residuals are keyed on the ordinal of the reduction within a roun
 after ``allreduce_gradients`` or the PipelineEngine's ``_exec_reduce_grads``), which is stable
 from step to step; ZeRO-2 reduces at every micro-batch, so its ordinals restart at every
 backward.
+
+With ``hierarchical`` (``hierarchical.py``) the data-parallel group's reductions go through the
+node hierarchy: full precision within each node, coded across nodes; the subgroups are created
+here, once, at install.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, GCTConfig
-from .allreduce import compressed_all_reduce
 from .constraint import apply_constraint
+from .hierarchical import reduce_bucket, setup
 from .state import GCTState
 
 __all__ = ["check_ds_config", "install"]
@@ -128,10 +132,10 @@ def install(engine: Any, cfg: GCTConfig, state: GCTState | None = None) -> GCTSt
         key = rounds.next("e")
         average = engine.gradient_average
         if not average or dp_world_size is None or dp_world_size == dist.get_world_size(dp_group):
-            return compressed_all_reduce(tensor, state, dp_group, key=key, average=average)
+            return reduce_bucket(tensor, state, dp_group, key=key, average=average)
         # MoE expert gradients: summed over the expert-data-parallel group, divided by the whole
         # data-parallel world, as DeepSpeed does (their scale does not depend on the ep size).
-        compressed_all_reduce(tensor, state, dp_group, key=key, average=False)
+        reduce_bucket(tensor, state, dp_group, key=key, average=False)
         return tensor.mul_(1.0 / dp_world_size)
 
     engine.allreduce_bucket = engine_allreduce_bucket
@@ -141,7 +145,7 @@ def install(engine: Any, cfg: GCTConfig, state: GCTState | None = None) -> GCTSt
     ):
 
         def gradient_reduction_w_predivide(tensor, communication_data_type):
-            return compressed_all_reduce(
+            return reduce_bucket(
                 tensor,
                 state,
                 opt.dp_process_group,
@@ -154,7 +158,7 @@ def install(engine: Any, cfg: GCTConfig, state: GCTState | None = None) -> GCTSt
         ):
             tensor = opt.flatten(bucket)
             group = opt.dp_process_group if process_group is None else process_group
-            return compressed_all_reduce(
+            return reduce_bucket(
                 tensor,
                 state,
                 group,
@@ -193,5 +197,6 @@ def install(engine: Any, cfg: GCTConfig, state: GCTState | None = None) -> GCTSt
             state.group = groups._get_data_parallel_group()
     except Exception:  # the group is only a default for direct calls
         state.group = None
+    state.hierarchy = setup(cfg.hierarchical, state.group)
     engine._ggspeed_gct = state
     return state

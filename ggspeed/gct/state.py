@@ -35,6 +35,8 @@ class GCTStats:
     decode_s: float = 0.0
     nonfinite_calls: int = 0
     wire_errors: int = 0  # calls refused on every rank: a corrupted stream or statistics message
+    # Hierarchical reduction: full-precision bytes sent within the node (ring-equivalent).
+    intra_node_bytes: int = 0
     last_bytes_sent: int = 0
     last_bytes_received: int = 0
     last_elements: int = 0
@@ -68,6 +70,7 @@ class GCTState:
     def __init__(self, cfg: GCTConfig | None = None, *, group: Any = None) -> None:
         self.cfg = cfg if cfg is not None else GCTConfig(enabled=True)
         self.group = group
+        self.hierarchy: Any = None  # hierarchical.Hierarchy when the reduction is hierarchical
         self.residuals: dict[str, torch.Tensor] = {}
         self.stats = GCTStats()
         self.global_step = 0
@@ -102,6 +105,24 @@ class GCTState:
         elif r is not None and r.device != like.device:  # restored from a CPU checkpoint
             r = self.residuals[key] = r.to(like.device)
         return r
+
+    def has_restored(self) -> bool:
+        """Whether residuals loaded from a checkpoint wait for their first use."""
+        return bool(self._restored)
+
+    def restored_keys(self) -> list[str]:
+        """The keys of residuals loaded from a checkpoint and not used since."""
+        return sorted(self._restored)
+
+    def pop_restored(self, key: str) -> torch.Tensor:
+        """Remove and return the restored residual ``key`` (folded into another form)."""
+        self._restored.discard(key)
+        self._spares.pop(key, None)
+        return self.residuals.pop(key)
+
+    def mark_restored(self, key: str) -> None:
+        """Treat residual ``key`` as restored: its size is checked at its bucket's next use."""
+        self._restored.add(key)
 
     def residual_buffer(self, key: str, n: int) -> torch.Tensor:
         """A float32 CPU buffer of n elements for ``key``'s next residual that is not its live
@@ -187,6 +208,7 @@ class GCTState:
             "decode_s": s.decode_s,
             "nonfinite_calls": float(s.nonfinite_calls),
             "wire_errors": float(s.wire_errors),
+            "intra_node_bytes": float(s.intra_node_bytes),
             "lambda": self.constraint_lambda,
         }
         if self._constraint_n:
@@ -226,6 +248,7 @@ class GCTState:
     def __getstate__(self) -> dict[str, Any]:
         d = self.__dict__.copy()
         d["group"] = None  # process groups do not pickle; re-attach after unpickling
+        d["hierarchy"] = None
         d["_workspace"] = {}
         d["_spares"] = {}
         return d
