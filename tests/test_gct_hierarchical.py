@@ -135,7 +135,48 @@ def _ranks_fn() -> dict:
         b.load_state_dict(a.state_dict())
         got = reduce_bucket(torch.zeros(N_EL), b, None, key="b")
         out[label] = (got, dropped, b.stats.last_step, sorted(b.residuals))
+    out["engine"] = _engine_run()
     return out
+
+
+def _engine_run() -> dict:
+    """A DeepSpeed ZeRO-1 engine with ``hierarchical: true`` on the emulated 2 x 2 layout."""
+    import deepspeed
+
+    import ggspeed
+
+    deepspeed.init_distributed("gloo")  # joins the existing group
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    config = {
+        "train_micro_batch_size_per_gpu": 8,
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
+        "zero_optimization": {"stage": 1},
+        "steps_per_print": 10**9,
+        "ggspeed": {
+            "gct": {"enabled": True, "quant_step": 0.5, "block_size": 256, "hierarchical": True}
+        },
+    }
+    engine, *_ = ggspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    w = torch.linspace(-1.0, 1.0, 16)[:, None] / 2
+    ev = torch.randn(256, 16, generator=torch.Generator().manual_seed(7))
+    losses = []
+    for step in range(12):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(100 * step + rank))
+        loss = torch.nn.functional.mse_loss(engine(x), x @ w)
+        engine.backward(loss)
+        engine.step()
+        with torch.no_grad():
+            losses.append(float(torch.nn.functional.mse_loss(engine.module(ev), ev @ w)))
+    st = engine.ggspeed.components["gct"]
+    return {
+        "params": torch.cat([p.detach().flatten() for p in engine.module.parameters()]),
+        "losses": losses,
+        "hierarchical": st.hierarchy is not None,
+        "keys": sorted(st.residuals),
+        "intra_node_bytes": st.stats.intra_node_bytes,
+    }
 
 
 def _bound(step: float, senders: int) -> float:
@@ -143,7 +184,7 @@ def _bound(step: float, senders: int) -> float:
 
 
 def test_hierarchical_reduction_on_4_ranks() -> None:
-    res = run_ranks(_ranks_fn, W, timeout=240)
+    res = run_ranks(_ranks_fn, W, timeout=300)
     r0 = res[0]
     for r, o in enumerate(res):
         assert o["layout"] == (NODES, PER, r % PER, (0, 1, 2, 3))
@@ -194,6 +235,14 @@ def test_hierarchical_reduction_on_4_ranks() -> None:
         segments = [["b@node[0:8192]"], ["b@node[8192:12411]"]] * 2
         expect = [["b"]] * W if label == "hier_to_flat" else segments
         assert [o[label][3] for o in res] == expect
+
+    # The engine: hierarchical, trains, replicas identical.
+    eng = [o["engine"] for o in res]
+    assert all(e["hierarchical"] and e["intra_node_bytes"] > 0 for e in eng)
+    assert all(e["keys"] and all("@node[" in k for k in e["keys"]) for e in eng)
+    for e in eng[1:]:
+        assert torch.equal(e["params"], eng[0]["params"])
+    assert eng[0]["losses"][-1] < 0.5 * eng[0]["losses"][0], eng[0]["losses"]
 
 
 def test_plan_decides_for_given_layouts() -> None:
