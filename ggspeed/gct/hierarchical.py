@@ -201,6 +201,10 @@ def setup(setting: bool | str, dp_group: Any) -> Hierarchy | None:
     places = [p for p, _ in gathered]
     layouts, why = plan(places, [d for _, d in gathered])
     rank = dist.get_rank()
+    if rank == 0:
+        from ..registration import _ensure_handler
+
+        _ensure_handler(logger)  # the decision is visible in a script that set up no logging
     if layouts is None:
         if setting is True:
             raise ConfigError(
@@ -223,13 +227,12 @@ def setup(setting: bool | str, dp_group: Any) -> Hierarchy | None:
         n, r = len(layouts[0]), len(layouts[0][0])
         logger.info(
             "[ggspeed] gct: hierarchical data-parallel reduction: %d data-parallel group(s) of "
-            "%d nodes x %d ranks (node layout from %s); %s crosses nodes coded, 1/%d of each "
-            "bucket per rank",
+            "%d nodes x %d ranks (node layout from %s); each rank carries 1/%d of a bucket "
+            "across nodes, coded",
             len(layouts),
             n,
             r,
             places[0].source,
-            "only the compressed all-reduce",
             r,
         )
     return own
