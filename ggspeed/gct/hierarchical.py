@@ -34,6 +34,8 @@ import dataclasses
 import logging
 import os
 import re
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,6 +59,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("ggspeed")
+# torch 2.13 renamed reduce_scatter_tensor (deprecated) to reduce_scatter_single.
+reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 KEY = "ggspeed.gct.hierarchical"
 _SEGMENT = re.compile(r"^(?P<key>.*)@node\[(?P<lo>\d+):(?P<hi>\d+)\]$")
 
@@ -201,17 +205,13 @@ def setup(setting: bool | str, dp_group: Any) -> Hierarchy | None:
     places = [p for p, _ in gathered]
     layouts, why = plan(places, [d for _, d in gathered])
     rank = dist.get_rank()
-    if rank == 0:
-        from ..registration import _ensure_handler
-
-        _ensure_handler(logger)  # the decision is visible in a script that set up no logging
     if layouts is None:
         if setting is True:
             raise ConfigError(
                 f"{KEY}: true, but {why}; set it to 'auto' (the flat path then) or false"
             )
         if rank == 0:
-            logger.info("[ggspeed] gct: flat data-parallel reduction (hierarchical auto): %s", why)
+            _say(f"[ggspeed] gct: flat data-parallel reduction (hierarchical auto): {why}")
         return None
     own: Hierarchy | None = None
     for layout in layouts:  # every rank creates every group, in the same order
@@ -225,17 +225,21 @@ def setup(setting: bool | str, dp_group: Any) -> Hierarchy | None:
                 own = Hierarchy(g, ranks, nodes, per, i, intra[k], inter[i], places[rank].source)
     if rank == 0:
         n, r = len(layouts[0]), len(layouts[0][0])
-        logger.info(
-            "[ggspeed] gct: hierarchical data-parallel reduction: %d data-parallel group(s) of "
-            "%d nodes x %d ranks (node layout from %s); each rank carries 1/%d of a bucket "
-            "across nodes, coded",
-            len(layouts),
-            n,
-            r,
-            places[0].source,
-            r,
+        _say(
+            f"[ggspeed] gct: hierarchical data-parallel reduction: {len(layouts)} data-parallel "
+            f"group(s) of {n} nodes x {r} ranks (node layout from {places[0].source}); each "
+            f"rank carries 1/{r} of a bucket across nodes, coded"
         )
     return own
+
+
+def _say(line: str) -> None:
+    """The install decision on the ``ggspeed`` logger, or on stderr where no logging is set up
+    (no handler is added: that would switch on every other ggspeed INFO line too)."""
+    if logger.hasHandlers():
+        logger.info(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def node_chunks(n: int, per_node: int, block: int) -> tuple[list[int], int]:
@@ -283,7 +287,9 @@ def hierarchical_all_reduce(
     if state.has_restored() and state.cfg.error_feedback:
         _fold_into_send(state, key, send, n, f"{key}@node[{lo}:{hi}]")
     mine = torch.empty(width + 1, dtype=torch.float32, device=dev)  # + a refusal flag
-    dist.reduce_scatter_tensor(mine[:width], send, group=h.intra)
+    t0 = time.perf_counter()
+    reduce_scatter(mine[:width], send, group=h.intra)
+    node_s = time.perf_counter() - t0
 
     # 2. Across nodes, coded: the sum of chunk i over the nodes.
     failed: WireError | None = None
@@ -299,10 +305,13 @@ def hierarchical_all_reduce(
     if average:
         mine[:width].div_(h.world)
     out = torch.empty(per * (width + 1), dtype=torch.float32, device=dev)
+    t0 = time.perf_counter()
     all_gather(out, mine, group=h.intra)
+    node_s += time.perf_counter() - t0
     got = out.view(per, width + 1)
     bad = [j for j in range(per) if float(got[j, width]) != 0.0]
-    state.record(intra_node_bytes=4 * (per - 1) * (2 * width + 1))  # ring-equivalent sends
+    # ring-equivalent bytes sent within the node; its time counts as communication
+    state.record(intra_node_bytes=4 * (per - 1) * (2 * width + 1), comm_s=node_s)
     if bad:
         err = WireError(
             f"compressed_all_reduce (hierarchical): chunk(s) {bad} of bucket {key!r} refused "
