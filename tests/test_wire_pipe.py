@@ -196,6 +196,34 @@ def test_one_stage_pipeline_says_there_is_nothing_to_code(variants):
         assert "a pipeline of one stage" in text
 
 
+def test_message_round_trip_raw_overflow_and_faults():
+    """One process: the message of a tensor decodes to what the sender's stats describe; an
+    fp16 overflow goes raw and arrives bit for bit; a bad message is refused, named."""
+    from ggspeed.config import PipeCodingConfig
+    from ggspeed.wire.pipe import KIND_CODED, PipeWireError, decode_message, encode_message
+
+    cfg = PipeCodingConfig(enabled=True, quant_step=0.25, block_size=256)
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    enc = encode_message(x, cfg)
+    assert enc.kind == KIND_CODED and enc.message.numel() < x.numel()  # < 8 of bf16 16 bits
+    out = torch.empty_like(x)
+    decode_message(enc.message, enc.kind, out, cfg.block_size, "test")
+    err = float((out.float() - x.float()).double().square().sum())
+    assert err == pytest.approx(enc.error_sq, rel=1e-6) and 0 < err < 0.01 * enc.signal_sq
+    y = torch.randn(1000, dtype=torch.float16)
+    y[7] = float("inf")
+    raw = encode_message(y, cfg)
+    back = torch.empty_like(y)
+    decode_message(raw.message, raw.kind, back, cfg.block_size, "test")
+    assert raw.kind != KIND_CODED and torch.equal(back.view(torch.int16), y.view(torch.int16))
+    with pytest.raises(PipeWireError, match="^grads: invalid coded message: "):
+        decode_message(enc.message[:-3], enc.kind, out, cfg.block_size, "grads")
+    with pytest.raises(PipeWireError, match="^grads: unknown message kind 7"):
+        decode_message(enc.message, 7, out, cfg.block_size, "grads")
+    with pytest.raises(PipeWireError, match="^grads: raw message of 2000 bytes"):
+        decode_message(raw.message, raw.kind, out, cfg.block_size, "grads")
+
+
 def test_bad_settings_refused_naming_the_key():
     from ggspeed.config import ConfigError, from_ds_config
 
