@@ -44,10 +44,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _ds_config(wire: dict[str, Any], steps: int) -> dict[str, Any]:
+def _ds_config(wire: dict[str, Any], steps: int, dp: int) -> dict[str, Any]:
     from tests.test_model3d_ranks import ds_config
 
-    cfg = ds_config(MICRO, GLOBAL_BATCH // MICRO, 1, zero=1)
+    cfg = ds_config(MICRO, GLOBAL_BATCH // (MICRO * dp), dp, zero=1)
     cfg["ggspeed"] = {"wire": wire, "log_interval": steps}
     return cfg
 
@@ -68,7 +68,7 @@ def _train(wire: dict[str, Any], steps: int, pp: int = 2) -> dict[str, Any]:
     engine, *_ = ggspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=_ds_config(wire, steps),
+        config=_ds_config(wire, steps, layout.dp),
     )
     plan = BatchPlan(MICRO, GLOBAL_BATCH // (MICRO * layout.dp), layout.dp)
     batches = TrainBatches(
@@ -216,11 +216,11 @@ def test_message_round_trip_raw_overflow_and_faults():
     back = torch.empty_like(y)
     decode_message(raw.message, raw.kind, back, cfg.block_size, "test")
     assert raw.kind != KIND_CODED and torch.equal(back.view(torch.int16), y.view(torch.int16))
-    with pytest.raises(PipeWireError, match="^grads: invalid coded message: "):
+    with pytest.raises(PipeWireError, match=r"^grads: invalid coded message: "):
         decode_message(enc.message[:-3], enc.kind, out, cfg.block_size, "grads")
-    with pytest.raises(PipeWireError, match="^grads: unknown message kind 7"):
+    with pytest.raises(PipeWireError, match=r"^grads: unknown message kind 7"):
         decode_message(enc.message, 7, out, cfg.block_size, "grads")
-    with pytest.raises(PipeWireError, match="^grads: raw message of 2000 bytes"):
+    with pytest.raises(PipeWireError, match=r"^grads: raw message of 2000 bytes"):
         decode_message(raw.message, raw.kind, out, cfg.block_size, "grads")
 
 
