@@ -443,6 +443,19 @@ def initialize(
         from . import wire
 
         handle.add(wire.install_coded_param_gather(engine, cfg.wire.param_gather))
+    w = cfg.wire
+    if w.pipe_activations.enabled or w.pipe_grads.enabled or w.tied_grads.enabled:
+        from . import wire
+
+        pipe = wire.install_coded_pipe(
+            engine,
+            w.pipe_activations if w.pipe_activations.enabled else None,
+            w.pipe_grads if w.pipe_grads.enabled else None,
+        )
+        tied = wire.install_coded_tied_grads(engine, cfg.gct) if w.tied_grads.enabled else None
+        for component in (pipe, tied):
+            if component is not None:
+                handle.add(component)
     engine.ggspeed = handle
     _install_step_hook(engine, handle)
     _install_checkpoint_hooks(engine, handle)

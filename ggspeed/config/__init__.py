@@ -19,7 +19,7 @@ from .act import ACTConfig
 from .base import Section
 from .gct import GCTConfig
 from .gg_init import GGInitConfig
-from .wire import ParamGatherConfig, WireConfig
+from .wire import ParamGatherConfig, PipeCodingConfig, TiedGradsConfig, WireConfig
 
 __all__ = [
     "ACTConfig",
@@ -28,7 +28,9 @@ __all__ = [
     "GGInitConfig",
     "GGSpeedConfig",
     "ParamGatherConfig",
+    "PipeCodingConfig",
     "Section",
+    "TiedGradsConfig",
     "WireConfig",
     "from_ds_config",
     "load_ds_config",
@@ -55,6 +57,9 @@ class GGSpeedConfig(Section):
             or self.act.enabled
             or self.gct.enabled
             or self.wire.param_gather.enabled
+            or self.wire.pipe_activations.enabled
+            or self.wire.pipe_grads.enabled
+            or self.wire.tied_grads.enabled
         )
 
 

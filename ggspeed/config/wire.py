@@ -16,6 +16,12 @@ from .base import Section
 KEY = "ggspeed.wire.param_gather"
 """Where the parameter all-gather's settings live in a ds_config; errors name keys below it."""
 
+PIPE_KEYS = {"activations": "ggspeed.wire.pipe_activations", "grads": "ggspeed.wire.pipe_grads"}
+"""Where each direction of the coded pipeline sends is switched, by direction."""
+
+TIED_KEY = "ggspeed.wire.tied_grads"
+"""The switch of the coded tied-weight gradient all-reduce of a pipeline."""
+
 
 class ParamGatherConfig(Section):
     """The ZeRO-1/2 parameter all-gather after each optimizer step, sent as coded updates."""
@@ -80,10 +86,95 @@ class ParamGatherConfig(Section):
         return self.model_dump(exclude={"enabled"})
 
 
+class PipeCodingConfig(Section):
+    """One direction of a pipeline's stage-to-stage sends (activations forward, or their
+    gradients back), sent as Exp-Golomb-coded quantized tensors."""
+
+    enabled: bool = Field(
+        False,
+        strict=True,
+        description=(
+            "Send this direction of DeepSpeed's PipelineEngine stage-to-stage tensors as "
+            "Exp-Golomb-coded levels with per-block steps relative to the block's RMS (shapes, "
+            "dtypes and the schedule stay DeepSpeed's; non-float tensors and an attention mask "
+            "go uncoded). Nothing to code without pipeline parallelism (a warning says so)."
+        ),
+    )
+    quant_step: float = Field(
+        0.25,
+        gt=0,
+        allow_inf_nan=False,
+        strict=True,
+        description=(
+            "Quantization step as a multiple of the RMS of each block of the tensor. The error "
+            "is at most half a step per element and is not sent again (each micro-batch's "
+            "tensor is new). Larger: fewer bits, noisier activations or gradients."
+        ),
+    )
+    block_size: int = Field(
+        4096,
+        ge=1,
+        strict=True,
+        description="Consecutive elements sharing one quantization step (32 bits of step per block).",
+    )
+    eg_order: int | Literal["auto"] = Field(
+        "auto",
+        description="Exp-Golomb order of the coded chunks: an integer 0..15, or 'auto' (per chunk).",
+    )
+    zero_runs: bool = Field(
+        False, strict=True, description="Code runs of zero levels (the codec's runs mode)."
+    )
+    capacity_slack: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        strict=True,
+        description=(
+            "Each message goes out in one slot sized, at both ends alike, for the previous "
+            "message of its kind x (1 + capacity_slack); a longer message costs a second send of "
+            "the remainder."
+        ),
+    )
+
+    @field_validator("eg_order", mode="before")
+    @classmethod
+    def _eg_order(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and 0 <= value <= 15):
+            return value
+        raise ValueError("allowed: an integer 0..15 or 'auto'")
+
+
+class TiedGradsConfig(Section):
+    """The all-reduce of tied weights' gradients between the pipeline stages that share them."""
+
+    enabled: bool = Field(
+        False,
+        strict=True,
+        description=(
+            "Reduce the gradients of weights tied across pipeline stages (e.g. a tied embedding "
+            "and output head) with GCT's compressed all-reduce and error feedback per tied "
+            "weight, quantized as the ggspeed.gct section says (whether or not ggspeed.gct is "
+            "enabled); the result stays bit-identical on the stages that share the weight."
+        ),
+    )
+
+
 class WireConfig(Section):
     """Coded collectives beyond the data-parallel gradient reduction (which ggspeed.gct codes)."""
 
     param_gather: ParamGatherConfig = Field(
         default_factory=ParamGatherConfig,
         description="The ZeRO-1/2 parameter all-gather after each optimizer step, coded.",
+    )
+    pipe_activations: PipeCodingConfig = Field(
+        default_factory=PipeCodingConfig,
+        description="A pipeline's activations sent to the next stage, coded.",
+    )
+    pipe_grads: PipeCodingConfig = Field(
+        default_factory=PipeCodingConfig,
+        description="The gradients of a pipeline's activations sent to the previous stage, coded.",
+    )
+    tied_grads: TiedGradsConfig = Field(
+        default_factory=TiedGradsConfig,
+        description="The all-reduce of tied weights' gradients across pipeline stages, coded.",
     )
