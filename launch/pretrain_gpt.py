@@ -369,8 +369,12 @@ def check_lr_flags(args: argparse.Namespace, ds: dict[str, Any]) -> None:
         return
     if not args.lr > 0:
         raise SetupError(f"--lr must be > 0, got {args.lr}")
-    if "optimizer" not in ds and not 0 <= args.min_lr <= args.lr:
-        raise SetupError(f"--min-lr must be in [0, --lr {args.lr}], got {args.min_lr}")
+    peak, where = args.lr, "--lr"
+    if "optimizer" in ds:  # DeepSpeed's optimizer: its lr is the peak the schedule scales
+        opt = ds["optimizer"] if isinstance(ds["optimizer"], dict) else {}
+        peak, where = (opt.get("params") or {}).get("lr"), "optimizer.params.lr"
+    if isinstance(peak, int | float) and not 0 <= args.min_lr <= peak:
+        raise SetupError(f"--min-lr must be in [0, {where} {peak}], got {args.min_lr}")
     if args.lr_warmup_iters < 0:
         raise SetupError(f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
     if args.lr_decay_iters is not None and args.lr_decay_iters < 1:
