@@ -41,6 +41,16 @@ class SetupError(ValueError):
     """A bad command line or ds_config, reported before training starts."""
 
 
+# The LR flags' defaults: None in argparse, so that the pre-flight knows which were given.
+LR_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "min_lr": 1e-4,
+    "lr_warmup_iters": 0,
+    "lr_decay_iters": None,  # --train-iters
+    "lr_decay_style": "cosine",
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     import deepspeed
 
@@ -77,13 +87,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--lr",
         type=float,
-        default=1e-3,
-        help="peak LR (ignored when the ds_config has an optimizer)",
+        default=None,
+        help=f"peak LR of the trainer's AdamW (default {LR_DEFAULTS['lr']}; refused when the "
+        'ds_config has an "optimizer" section, which sets its own)',
     )
-    g.add_argument("--min-lr", type=float, default=1e-4)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument(
+        "--min-lr",
+        type=float,
+        default=None,
+        help=f"LR at the end of the decay (default {LR_DEFAULTS['min_lr']})",
+    )
+    g.add_argument("--lr-warmup-iters", type=int, default=None, help="linear warm-up (default 0)")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument(
+        "--lr-decay-style",
+        choices=["cosine", "linear", "constant"],
+        default=None,
+        help="DeepSpeed's WarmupCosineLR, WarmupDecayLR or WarmupLR (default cosine); the "
+        'schedule flags are refused when the ds_config has a "scheduler" section',
+    )
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
@@ -104,6 +126,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
+    args.lr_flags_given = [
+        "--" + k.replace("_", "-") for k in LR_DEFAULTS if getattr(args, k) is not None
+    ]
+    for k, v in LR_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if not args.deepspeed_config:
         p.error("--deepspeed_config is required (a ds_config.json, e.g. configs/ds_tiny_cpu.json)")
     return args
@@ -168,31 +196,40 @@ def check_splits(meta: dict[str, Any], seq_len: int, data_path: str) -> None:
 
 
 def batch_triple(ds: dict[str, Any], dp: int) -> tuple[int, int, int]:
-    """(train_batch_size, micro, grad_accum) as DeepSpeed resolves them; SetupError on mismatch."""
-    tb = ds.get("train_batch_size")
-    mb = ds.get("train_micro_batch_size_per_gpu")
-    ga = ds.get("gradient_accumulation_steps")
-    given = f"train_batch_size={tb}, train_micro_batch_size_per_gpu={mb}, gradient_accumulation_steps={ga}"
-    if tb is None and mb is None:
-        raise SetupError(
-            f"ds_config: set train_batch_size or train_micro_batch_size_per_gpu ({given})"
+    """(train_batch_size, micro, grad_accum) resolved by DeepSpeed's own code for ``dp`` ranks.
+
+    ``DeepSpeedConfig(...)`` takes the data-parallel size from a process group (world size 1
+    without one), so its resolution step runs here on the three keys alone, with ``dp`` given:
+    what ``deepspeed.initialize`` would accept or refuse, said before any process group exists.
+    """
+    from deepspeed.runtime import config as ds_config
+
+    resolved = ds_config.DeepSpeedConfig.__new__(ds_config.DeepSpeedConfig)
+    resolved.world_size = dp
+    resolved.train_batch_size = ds_config.get_train_batch_size(ds)
+    resolved.train_micro_batch_size_per_gpu = ds_config.get_train_micro_batch_size_per_gpu(ds)
+    resolved.gradient_accumulation_steps = ds_config.get_gradient_accumulation_steps(ds)
+    given = ", ".join(
+        f"{k}={ds.get(k)}"
+        for k in (
+            "train_batch_size",
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
         )
-    if mb is None:
-        ga = ga or 1
-        if tb % (ga * dp):
-            raise SetupError(
-                f"ds_config: train_batch_size {tb} is not divisible by grad_accum {ga} x dp {dp}"
-            )
-        mb = tb // (ga * dp)
-    elif ga is None:
-        ga = 1 if tb is None else tb // (mb * dp)
-    tb = tb if tb is not None else mb * ga * dp
-    if ga < 1 or tb != mb * ga * dp:
+    )
+    try:
+        resolved._configure_train_batch_size()
+    except (AssertionError, TypeError, ZeroDivisionError) as e:
         raise SetupError(
-            f"ds_config batch sizes do not match the world: {given} but train_batch_size must equal "
-            f"micro x grad_accum x data-parallel size ({mb} x {ga} x {dp} = {mb * ga * dp})"
-        )
-    return tb, mb, ga
+            f"ds_config batch sizes ({given}) for data-parallel size {dp}: {e} (DeepSpeed "
+            "needs train_batch_size = train_micro_batch_size_per_gpu x "
+            "gradient_accumulation_steps x data-parallel size)"
+        ) from None
+    return (
+        resolved.train_batch_size,
+        resolved.train_micro_batch_size_per_gpu,
+        resolved.gradient_accumulation_steps,
+    )
 
 
 def preflight(
@@ -217,6 +254,7 @@ def preflight(
     except ValueError as e:
         raise SetupError(str(e)) from e
     batch_triple(ds, layout.dp)
+    check_lr_flags(args, ds)
     zero = int((ds.get("zero_optimization") or {}).get("stage", 0))
     half = any((ds.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16"))
     if layout.pp > 1 and zero >= 2:
@@ -261,18 +299,86 @@ def agree_on_preflight(error: str | None) -> None:
 # ----------------------------------------------------------------------------- pieces
 
 
-def lr_factor(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up to the peak, then cosine/linear decay to min_lr; a pure function of step."""
-    warm = args.lr_warmup_iters
-    if warm and step < warm:
-        return (step + 1) / warm
-    if args.lr_decay_style == "constant":
-        return 1.0
-    decay = max(1, (args.lr_decay_iters or args.train_iters) - warm)
-    t = min(1.0, (step - warm) / decay)
-    floor = args.min_lr / args.lr
-    shape = 0.5 * (1 + math.cos(math.pi * t)) if args.lr_decay_style == "cosine" else 1.0 - t
-    return floor + (1.0 - floor) * shape
+def scheduler_section(
+    style: str, peak_lr: float, min_lr: float, warmup: int, total: int
+) -> dict[str, Any]:
+    """The ds_config ``"scheduler"`` section that the Megatron-style LR flags stand for.
+
+    cosine -> WarmupCosineLR, linear -> WarmupDecayLR, constant -> WarmupLR, each with a linear
+    warm-up (docs/training.md lists how they count steps). DeepSpeed's classes warm up over at
+    least 2 steps: without a warm-up, cosine and constant start those steps at the peak.
+    """
+    steps = max(1, warmup)
+    if style == "cosine":
+        params = {
+            "total_num_steps": total,
+            "warmup_min_ratio": 0.0 if warmup else 1.0,
+            "warmup_num_steps": steps,
+            "cos_min_ratio": min_lr / peak_lr,
+        }
+        name = "WarmupCosineLR"
+    elif style == "linear":
+        params = {
+            "total_num_steps": total,
+            "warmup_min_lr": min_lr,
+            "warmup_max_lr": peak_lr,
+            "warmup_num_steps": steps,
+        }
+        name = "WarmupDecayLR"
+    elif style == "constant":
+        params = {
+            "warmup_min_lr": 0.0 if warmup else peak_lr,
+            "warmup_max_lr": peak_lr,
+            "warmup_num_steps": steps,
+        }
+        name = "WarmupLR"
+    else:
+        raise ValueError(f"LR decay style {style!r}: use cosine, linear or constant")
+    return {"type": name, "params": {**params, "warmup_type": "linear"}}
+
+
+def lr_scheduler(optimizer: Any, style: str, min_lr: float, warmup: int, total: int) -> Any:
+    """DeepSpeed's scheduler class for these flags over any torch optimizer, whose LR is the peak.
+
+    Built as DeepSpeed builds a ds_config ``"scheduler"`` section; call ``step()`` after each
+    optimizer step, as DeepSpeed's engine does. tools/ use it for their schedules too.
+    """
+    from deepspeed.runtime import lr_schedules
+
+    section = scheduler_section(style, optimizer.param_groups[0]["lr"], min_lr, warmup, total)
+    return getattr(lr_schedules, section["type"])(optimizer, **section["params"])
+
+
+def check_lr_flags(args: argparse.Namespace, ds: dict[str, Any]) -> None:
+    """The schedule comes from the ds_config's ``"scheduler"`` or from the flags, never both;
+    --lr is the trainer's AdamW's, so not with an ``"optimizer"`` section."""
+    given = args.lr_flags_given
+    if "scheduler" in ds and [f for f in given if f != "--lr"]:
+        kind = (ds["scheduler"] or {}).get("type") if isinstance(ds["scheduler"], dict) else None
+        raise SetupError(
+            f'ds_config has a "scheduler" section ({kind}) and the command line gives '
+            f"{', '.join(f for f in given if f != '--lr')}: the LR schedule comes from one of "
+            'them; drop the flags or the "scheduler" section'
+        )
+    if "optimizer" in ds and "--lr" in given:
+        raise SetupError(
+            "--lr sets the trainer's AdamW, but the ds_config's \"optimizer\" section builds "
+            "its own with its own lr: drop one of them"
+        )
+    if "scheduler" in ds:
+        return
+    if not args.lr > 0:
+        raise SetupError(f"--lr must be > 0, got {args.lr}")
+    peak, where = args.lr, "--lr"
+    if "optimizer" in ds:  # DeepSpeed's optimizer: its lr is the peak the schedule scales
+        opt = ds["optimizer"] if isinstance(ds["optimizer"], dict) else {}
+        peak, where = (opt.get("params") or {}).get("lr"), "optimizer.params.lr"
+    if isinstance(peak, int | float) and not 0 <= args.min_lr <= peak:
+        raise SetupError(f"--min-lr must be in [0, {where} {peak}], got {args.min_lr}")
+    if args.lr_warmup_iters < 0:
+        raise SetupError(f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
+    if args.lr_decay_iters is not None and args.lr_decay_iters < 1:
+        raise SetupError(f"--lr-decay-iters must be >= 1, got {args.lr_decay_iters}")
 
 
 def make_optimizer(model: Any, args: argparse.Namespace):
@@ -455,8 +561,6 @@ def build_model(args: argparse.Namespace, ds: dict[str, Any], cfg: Any, layout: 
 
 def build_engine(args: argparse.Namespace, ds: dict[str, Any], model: Any) -> Any:
     """ggspeed.initialize with the trainer's AdamW and LR schedule unless the ds_config has its own."""
-    import torch
-
     import ggspeed
 
     kwargs: dict[str, Any] = {}
@@ -464,9 +568,13 @@ def build_engine(args: argparse.Namespace, ds: dict[str, Any], model: Any) -> An
         kwargs["optimizer"] = make_optimizer(model, args)
     else:
         kwargs["model_parameters"] = [p for p in model.parameters() if p.requires_grad]
-    if "scheduler" not in ds:
-        kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, args)
+    if "scheduler" not in ds:  # else DeepSpeed builds the ds_config's own
+        kwargs["lr_scheduler"] = lambda opt: lr_scheduler(
+            opt,
+            args.lr_decay_style,
+            args.min_lr,
+            args.lr_warmup_iters,
+            args.lr_decay_iters or args.train_iters,
         )
     engine, _, _, _ = ggspeed.initialize(args=args, model=model, **kwargs)
     # saved in ggspeed's per-rank file, committed with the rest of the checkpoint
@@ -634,6 +742,7 @@ class StepProfiler:
 def train_step(run: Run, state: LoopState) -> dict[str, Any]:
     """One global batch; its metrics entry (loss, lr, tokens/s and ggspeed's scalars)."""
     engine = run.engine
+    lr = float(engine.get_lr()[0])  # the LR this step runs at (the scheduler steps after it)
     t0 = time.perf_counter()
     loss = float(engine.train_batch(run.batches))
     dt = time.perf_counter() - t0
@@ -645,7 +754,7 @@ def train_step(run: Run, state: LoopState) -> dict[str, Any]:
     entry = {
         "step": state.step,
         "loss": loss,
-        "lr": float(engine.get_lr()[0]),
+        "lr": lr,
         "tokens_per_s": run.tokens_per_step / dt,
     }
     entry.update({k: float(v) for k, v in engine.ggspeed.scalars().items()})

@@ -91,10 +91,9 @@ def test_bad_setups_fail_before_training(setup):
     msg = preflight_error(root, 2, ds, "--data-path", str(root / "nowhere"))
     assert "--data-path" in msg and "nowhere" in msg
     bad = write_ds(root, "batch.json", train_batch_size=10)
-    assert (
-        "train_batch_size must equal micro x grad_accum x data-parallel size (2 x 2 x 2 = 8)"
-        in preflight_error(root, 2, bad)
-    )
+    msg = preflight_error(root, 2, bad)  # DeepSpeed's own resolution, run before any group
+    assert "train_batch_size=10" in msg and "10 != 2 * 2 * 2" in msg, msg
+    assert "gradient_accumulation_steps" in msg and "data-parallel size 2" in msg, msg
     z0 = write_ds(root, "z0.json", zero_optimization={"stage": 0})
     assert "wrong global gradient norm" in preflight_error(root, 4, z0, "--pp", "2")
     typo = write_ds(root, "typo.json", ggspeed={"gct": {"enabld": True}})
@@ -175,16 +174,56 @@ def test_script_reports_setup_errors(setup):
     )
 
 
-def test_lr_schedule_warms_up_then_decays():
+def scheduled_lrs(style: str, warmup: int, total: int, steps: int) -> list[float]:
+    """The LR each of ``steps`` optimizer steps runs at under the trainer's flag mapping."""
+    import torch
+
     trainer = load_trainer()
-    args = trainer.parse_args(
-        ["--deepspeed_config", "x", "--model-config", "m", "--data-path", "d", "--train-iters", "100",
-         "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "10"]
-    )  # fmt: skip
-    f = [trainer.lr_factor(s, args) for s in range(101)]
-    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in itertools.pairwise(f[10:]))
-    assert f[100] == pytest.approx(0.1)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = trainer.lr_scheduler(opt, style, 1e-4, warmup, total)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()  # after the optimizer step, as DeepSpeed's engine does
+    return lrs
+
+
+def test_lr_schedule_is_deepspeeds_warmup_cosine():
+    """--lr-decay-style cosine is DeepSpeed's WarmupCosineLR. Its counting differs from the
+    trainer's former own schedule (step 1 at 0.1 x peak, peak at step 10): the scheduler starts
+    one iteration before the first step and its linear warm-up starts at 0, so steps 1 and 2 run
+    at LR 0 and the warm-up reaches 0.9 x peak at step 11; the decay then starts just below the
+    peak and ends at --min-lr (cos_min_ratio = min-lr / lr) from step total + 1 on."""
+    lrs = scheduled_lrs("cosine", warmup=10, total=100, steps=110)
+    assert lrs[0] == 0.0 and lrs[1] == 0.0, "steps 1-2 at LR 0: DeepSpeed's warm-up start"
+    assert lrs[2:11] == pytest.approx([1e-4 * k for k in range(1, 10)]), "linear warm-up"
+    assert 0.999e-3 < lrs[11] < 1e-3, "the cosine decay starts just below the peak"
+    assert all(a >= b for a, b in itertools.pairwise(lrs[11:])), "monotone decay"
+    assert lrs[101:] == pytest.approx([1e-4] * 9), "--min-lr from step total + 1 on"
+
+
+def test_lr_schedule_linear_and_constant_styles():
+    """linear: WarmupDecayLR warms up from --min-lr (its one floor) and decays back to it;
+    constant without a warm-up: WarmupLR at the peak from the first step."""
+    lin = scheduled_lrs("linear", warmup=4, total=20, steps=30)
+    assert lin[0] == pytest.approx(1e-4) and max(lin) == pytest.approx(1e-3)
+    assert lin[21:] == pytest.approx([1e-4] * 9), "WarmupDecayLR ends at --min-lr"
+    assert scheduled_lrs("constant", warmup=0, total=20, steps=5) == [1e-3] * 5
+    cos0 = scheduled_lrs("cosine", warmup=0, total=20, steps=4)
+    assert cos0[0] == 0.0 and cos0[1:3] == [1e-3, 1e-3], "no warm-up: peak from step 2 on"
+
+
+def test_lr_flags_and_a_scheduler_section_are_refused_together(setup):
+    root = setup
+    sched = {"type": "WarmupLR", "params": {"warmup_num_steps": 2}}
+    ds = write_ds(root, "sched.json", scheduler=sched)
+    msg = preflight_error(root, 2, ds)  # argv() gives --lr-warmup-iters
+    assert '"scheduler" section (WarmupLR)' in msg and "--lr-warmup-iters" in msg, msg
+    opt = write_ds(root, "opt.json", optimizer={"type": "AdamW", "params": {"lr": 1e-3}})
+    msg = preflight_error(root, 2, opt)  # argv() gives --lr
+    assert "--lr" in msg and '"optimizer" section' in msg, msg
+    msg = preflight_error(root, 2, write_ds(root, "ok.json"), "--min-lr", "1")
+    assert "--min-lr must be in [0, --lr 0.003], got 1.0" in msg, msg
 
 
 def test_codec_threads_share_the_cpus():
@@ -238,6 +277,29 @@ def test_resume_reproduces_the_straight_run(setup):
 
     assert lrs("logB") == pytest.approx(lrs("logA")[3:], rel=1e-9)
     assert (root / "logA" / "summary.json").is_file()
+
+
+@pytest.mark.dist
+def test_a_ds_config_scheduler_section_is_the_schedule(setup):
+    """With a "scheduler" section the trainer passes no scheduler: DeepSpeed builds the section's
+    class, and the steps run at its LRs (WarmupLR, linear, 0 -> 0.01 over 4 iterations)."""
+    root = setup
+    sched = {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 4,
+                   "warmup_type": "linear"},
+    }  # fmt: skip
+    ds = write_ds(root, "sched_run.json", scheduler=sched, ggspeed={}, train_batch_size=4)
+    args = argv(root, ds, "--log-dir", str(root / "logS"))
+    del args[args.index("--lr-warmup-iters") : args.index("--lr-warmup-iters") + 2]
+    args[args.index("--train-iters") + 1] = "3"
+    run_ranks(run_trainer, 1, args, init_pg=False, timeout=300)
+    lrs = [
+        m["lr"]
+        for m in map(json.loads, (root / "logS" / "metrics.jsonl").read_text().splitlines())
+        if "lr" in m
+    ]
+    assert lrs == pytest.approx([0.0, 0.0, 0.0025]), f"the section's WarmupLR, got {lrs}"
 
 
 @pytest.mark.dist

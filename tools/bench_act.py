@@ -38,6 +38,7 @@ from ggspeed.act.storage import eg_bits, step_for
 from ggspeed.config.act import ACTConfig
 from ggspeed.data.corpus import load_corpus_tokens, random_batches
 from ggspeed.models.nanogpt import GPT, GPTConfig
+from launch.pretrain_gpt import lr_scheduler
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Variant:
     opt: torch.optim.Optimizer
     batches: object
     state: act.ACTState | None
+    sched: object = None  # DeepSpeed's WarmupCosineLR (launch/pretrain_gpt.lr_scheduler)
     losses: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     bits_steps: list[int] = field(default_factory=list)
@@ -88,21 +90,13 @@ def make_variant(name, gcfg, args, tokens, ckpt, state) -> Variant:
     model = GPT(gcfg, checkpoint_fn=ckpt)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     batches = random_batches(tokens, args.batch, gcfg.seq_len, seed=args.seed)
-    return Variant(name, model, opt, batches, state)
-
-
-def lr_at(step: int, args) -> float:
-    warm = max(1, args.steps // 20)
-    if step < warm:
-        return args.lr * (step + 1) / warm
-    p = (step - warm) / max(1, args.steps - warm)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+    # the trainer's --lr-decay-style cosine: warm-up over 5% of the steps, down to 0.1 x lr
+    sched = lr_scheduler(opt, "cosine", 0.1 * args.lr, max(1, args.steps // 20), args.steps)
+    return Variant(name, model, opt, batches, state, sched)
 
 
 def train_step(v: Variant, step: int, args) -> None:
     act.activate(v.state)
-    for g in v.opt.param_groups:
-        g["lr"] = lr_at(step, args)
     x, y = next(v.batches)
     t0 = time.perf_counter()
     _, loss = v.model(x, y)
@@ -110,6 +104,7 @@ def train_step(v: Variant, step: int, args) -> None:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(v.model.parameters(), 1.0)
     v.opt.step()
+    v.sched.step()
     v.times.append(time.perf_counter() - t0)
     v.losses.append(loss.item())
     if v.state is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ if str(ROOT) not in sys.path:
 
 from ggspeed import gg  # noqa: E402
 from ggspeed.init import GGInitMethod  # noqa: E402
+from launch.pretrain_gpt import lr_scheduler  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # speed
@@ -108,13 +108,6 @@ ARMS: list[tuple[str, float | None]] = [
 ]
 
 
-def _lr(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))
-
-
 def weight_bits(model: torch.nn.Module, step: float) -> dict[str, Any]:
     """EG-0 bits per weight of all 2-D weights quantized with ``step`` (codec if present)."""
     ws = [p.detach().flatten() for n, p in model.named_parameters() if p.dim() == 2]
@@ -155,18 +148,19 @@ def train_one(arm: str, shape: float | None, seed: int, a: dict[str, Any]) -> di
         torch.manual_seed(seed)
         apply_gg_init(model, {"enabled": True, "shape": shape, "std": cfg.init_std})
     opt = torch.optim.AdamW(model.parameters(), lr=a["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+    # the trainer's --lr-decay-style cosine (DeepSpeed's WarmupCosineLR), down to 0.1 x lr
+    sched = lr_scheduler(opt, "cosine", 0.1 * a["lr"], a["warmup"], a["steps"])
     batches = random_batches(corpus.train, a["batch"], a["seq"], seed=1000)  # same for all arms
     losses: list[float] = []
     t0 = time.perf_counter()
-    for step in range(a["steps"]):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, a["steps"], a["lr"], a["warmup"])
+    for _ in range(a["steps"]):
         x, y = next(batches)
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         losses.append(loss.item())
     train_s = time.perf_counter() - t0
     model.eval()

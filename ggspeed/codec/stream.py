@@ -148,7 +148,7 @@ class EGStream:
         if n < HEADER_SIZE:
             raise ValueError(f"EG stream truncated: {n} bytes, the header alone is {HEADER_SIZE}")
         # CPU buffers are read through numpy: a received stream is parsed on every call of the
-        # compressed all-reduce, and torch ops on tiny tensors cost ~5 us each.
+        # compressed all-reduce, where the fixed cost of a torch op on a tiny tensor adds up.
         host = buf.numpy() if buf.device.type == "cpu" else None
         head = host[:HEADER_SIZE] if host is not None else buf[:HEADER_SIZE].cpu().numpy()
         (magic, version, flags, k0, _, numel, chunk, nchunks, nbits, nload, crc, kb, kv, _) = (
