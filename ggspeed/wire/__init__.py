@@ -4,17 +4,20 @@
     ...train...; state.scalars()["bits_per_element"]
 
 In a ds_config: ``"ggspeed": {"wire": {"param_gather": {"enabled": true}}}`` with
-``ggspeed.initialize``. See docs/wire.md.
+``ggspeed.initialize``. :mod:`ggspeed.wire.budget` counts the bytes every collective of a step
+sends, by kind and across nodes (``engine.ggspeed.budget``). See docs/wire.md.
 """
 
 from __future__ import annotations
 
+from . import budget
 from .coding import apply_update, decode_update, encode_update
 from .settings import KEY, ParamGatherSettings
 from .zero_gather import CodedParamGather, GatherStats, check_ds_config, install_coded_param_gather
 
 __all__ = [
     "KEY",
+    "budget",
     "CodedParamGather",
     "GatherStats",
     "ParamGatherSettings",
