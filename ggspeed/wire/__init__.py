@@ -17,11 +17,11 @@ from .zero_gather import CodedParamGather, GatherStats, check_ds_config, install
 
 __all__ = [
     "KEY",
-    "budget",
     "CodedParamGather",
     "GatherStats",
     "ParamGatherSettings",
     "apply_update",
+    "budget",
     "check_ds_config",
     "decode_update",
     "encode_update",
