@@ -51,7 +51,7 @@ def _known_sends() -> dict[str, list[int]]:
 
 
 def test_counts_what_ranks_send_by_kind_and_crossing() -> None:
-    totals = run_ranks(_known_sends, 4, timeout=120)
+    totals = run_ranks(_known_sends, 4, timeout=300)
     # [local, crossed] per rank; the ring's next rank: 0->1 local, 1->2 crosses, 2->3 local,
     # 3->0 crosses.
     crosses = [False, True, False, True]
