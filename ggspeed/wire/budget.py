@@ -424,11 +424,11 @@ def install(engine: Any, nodes: Sequence[int] | None = None) -> WireBudget:
     for group in _tp_groups():
         budget.set_group_kind(group, "tp")
     mpu = getattr(engine, "mpu", None)
-    get_tp = getattr(mpu, "get_tensor_model_parallel_group", None) or getattr(
-        mpu, "get_slice_parallel_group", None
-    )
-    if get_tp is not None and mpu.get_tensor_model_parallel_world_size() > 1:
-        budget.set_group_kind(get_tp(), "tp")
+    try:  # an mpu object without these methods (DeepSpeed's pipeline grid) has no TP group
+        if mpu is not None and mpu.get_tensor_model_parallel_world_size() > 1:
+            budget.set_group_kind(mpu.get_tensor_model_parallel_group(), "tp")
+    except (AttributeError, AssertionError, RuntimeError):
+        pass
     for name in ("allreduce_gradients",):
         if hasattr(engine, name):
             setattr(engine, name, charged("dp_grad", getattr(engine, name)))
