@@ -410,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain-shaped", action="store_true",
                    help="with --targets: plain at each rate too (its losses do not depend on "
                         "the link)")  # fmt: skip
+    p.add_argument("--skip-plain", action="store_true",
+                   help="with --targets: no plain run (a ggspeed variant beside a plain run "
+                        "measured before; the PASS/FAIL lines then need --replot with both)")  # fmt: skip
     p.add_argument("--ggspeed-set", action="append", default=[], metavar="KEY=VALUE",
                    help="change the ggspeed run's section, e.g. wire.param_gather.enabled=false "
                         "(repeatable; the value is JSON)")  # fmt: skip
@@ -461,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for layout in layouts:
             if args.targets:
-                plan = [("plain", None, None)] + [
+                plan = [("plain", None, None)] * (not args.skip_plain) + [
                     (config, rate, latency if rate else None)
                     for rate in rates
                     for config in (CONFIGS if args.plain_shaped and rate else ("ggspeed",))
