@@ -16,6 +16,7 @@ def _known_sends() -> dict[str, list[int]]:
     import torch
     import torch.distributed as dist
 
+    from ggspeed.gct import exchange  # binds torch's all-gather at import, before the budget
     from ggspeed.wire import budget as wb
 
     rank = dist.get_rank()
@@ -30,6 +31,14 @@ def _known_sends() -> dict[str, list[int]]:
             dist.all_gather([torch.empty(100) for _ in range(4)], torch.ones(100))  # 3 x 400
             out = torch.empty(4 * 50, dtype=torch.float16)
             dist.all_gather_into_tensor(out, torch.ones(50, dtype=torch.float16))  # 3 x 100
+        with wb.charge("tied_grad"):
+            exchange.all_gather(
+                torch.empty(4 * 8, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)
+            )
+            # uneven all-to-all: rank j gets j + 1 bytes from every rank
+            inp = torch.ones(10, dtype=torch.uint8)
+            dist.all_to_all_single(torch.empty(4 * (rank + 1), dtype=torch.uint8), inp,
+                                   [rank + 1] * 4, [1, 2, 3, 4])  # fmt: skip
         with wb.charge("pp_act"):
             if rank == 0:
                 dist.send(torch.ones(64, dtype=torch.int8), 3)  # crosses
@@ -66,7 +75,12 @@ def test_counts_what_ranks_send_by_kind_and_crossing() -> None:
     assert [t["pp_grad"] for t in totals] == [[64, 0], [0, 0], [0, 0], [0, 0]]
     assert [t["tp"] for t in totals] == [[0, 40], [0, 0], [0, 40], [0, 0]]
     assert [t["other"] for t in totals] == [[800, 800], [0, 800], [0, 0], [0, 0]]
-    assert [t["tied_grad"] for t in totals] == [[0, 0]] * 4
+    # tied_grad: a ring all-gather of 8 B (3 x 8 to the next rank), then 1..4 B to ranks 0..3
+    sends = {r: [j + 1 for j in range(4) if j != r] for r in range(4)}
+    for rank, got in enumerate(totals):
+        ring_local, ring_cross = ring(24)[rank]
+        local = sum(j + 1 for j in range(4) if j != rank and NODES[j] == NODES[rank])
+        assert got["tied_grad"] == [ring_local + local, ring_cross + sum(sends[rank]) - local]
 
 
 def _zero1_engine(steps: int) -> dict:

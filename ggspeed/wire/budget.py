@@ -276,13 +276,13 @@ def _model(name: str, b: WireBudget, a: dict[str, Any]) -> list[tuple[int, int]]
     if name == "all_gather":
         n = _nbytes(a["tensor"])
         return _ring(b, g, lambda p: (p - 1) * n)
-    if name in ("all_gather_into_tensor", "_all_gather_base"):
+    if name in ("all_gather_into_tensor", "_all_gather_base", "all_gather_single"):
         n = _nbytes(a["input_tensor"])
         return _ring(b, g, lambda p: (p - 1) * n)
     if name == "reduce_scatter":
         n = _nbytes(a["output"])
         return _ring(b, g, lambda p: (p - 1) * n)
-    if name in ("reduce_scatter_tensor", "_reduce_scatter_base"):
+    if name in ("reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter_single"):
         n = _nbytes(a["output"])
         return _ring(b, g, lambda p: (p - 1) * n)
     if name == "reduce":
@@ -305,15 +305,19 @@ def _model(name: str, b: WireBudget, a: dict[str, Any]) -> list[tuple[int, int]]
     if name == "all_to_all":
         return list(zip(b.ranks_of(g), map(_nbytes, a["input_tensor_list"])))
     if name == "all_to_all_single":
-        ranks = b.ranks_of(g)
-        n = _nbytes(a["input"])
-        return [(r, n // len(ranks)) for r in ranks]
+        ranks, t = b.ranks_of(g), a["input"]
+        splits = a.get("input_split_sizes")
+        if not splits:  # equal chunks along dim 0
+            return [(r, _nbytes(t) // len(ranks)) for r in ranks]
+        row = _nbytes(t) // t.shape[0] if t.dim() and t.shape[0] else 0
+        return [(r, int(k) * row) for r, k in zip(ranks, splits)]
     return []
 
 
 MODELLED = (
     "all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor",
-    "_all_gather_base", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
+    "_all_gather_base", "all_gather_single", "reduce_scatter", "reduce_scatter_tensor",
+    "_reduce_scatter_base", "reduce_scatter_single",
     "reduce", "broadcast", "send", "isend", "gather", "scatter", "all_to_all",
     "all_to_all_single",
 )  # fmt: skip
@@ -358,6 +362,7 @@ def _patch_torch() -> None:
         setattr(c10d, name, wrapped)
         if getattr(dist, name, None) is original:
             setattr(dist, name, wrapped)
+    _rebind()
     try:  # deepspeed.comm binds these two when its backend is made
         import deepspeed.comm.comm as ds_comm
 
@@ -370,6 +375,26 @@ def _patch_torch() -> None:
                 setattr(cdb, attr, getattr(c10d, name))
     except ImportError:
         pass
+
+
+_REBIND_PREFIXES = ("ggspeed", "deepspeed", "megatron")
+
+
+def _rebind() -> None:
+    """Point module-level names bound to an original function at import time
+    (``all_gather = dist.all_gather_into_tensor``) at its counting wrapper."""
+    import sys
+
+    import torch.distributed.distributed_c10d as c10d
+
+    originals = {id(f): getattr(c10d, name) for name, f in _WRAPPED.items()}
+    for mod_name, module in list(sys.modules.items()):
+        if module is None or not mod_name.startswith(_REBIND_PREFIXES):
+            continue
+        for attr, value in list(vars(module).items()):
+            wrapped = originals.get(id(value)) if callable(value) else None
+            if wrapped is not None:
+                setattr(module, attr, wrapped)
 
 
 def activate(budget: WireBudget | None) -> None:
