@@ -319,7 +319,7 @@ def bits_table(runs: list[Run], dtype: tuple[str, int]) -> str:
         for kind, pk in base.budget.get("kinds", {}).items():
             gk = r.budget.get("kinds", {}).get(kind, {})
             pb, gb = pk.get("bytes_per_step", 0.0), gk.get("bytes_per_step", 0.0)
-            if not pb and not gb:
+            if kind == "other" or (not pb and not gb):  # scalars, verdicts: no elements
                 continue
             wire = f"{dtype[1] * gb / pb:.2f}" if pb else "-"
             c = comp.get(kind, {})
