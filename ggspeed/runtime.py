@@ -65,6 +65,7 @@ class GGSpeedHandle:
         self.components: dict[str, Component] = {}
         self.extra_state: dict[str, tuple[Callable[[], dict], Callable[[dict], None]]] = {}
         self._latest: dict[str, float] = {}
+        self.budget: Any = None  # ggspeed.wire.budget.WireBudget: bytes on the wire per step
 
     def add(self, component: Component) -> None:
         if not isinstance(component, Component):
@@ -99,6 +100,8 @@ class GGSpeedHandle:
             for name, comp in self.components.items()
             for key, value in comp.scalars().items()
         }
+        if self.budget is not None:
+            local.update({f"wire/{k}": v for k, v in self.budget.scalars().items()})
         self._latest = telemetry.gather_mean(local)
         return self._latest
 
@@ -215,7 +218,9 @@ def _install_step_hook(engine: Any, handle: GGSpeedHandle) -> None:
         step = engine.global_steps
         for comp in handle.components.values():
             comp.on_step(step)
-        if handle.components and step % interval == 0:
+        if handle.budget is not None:
+            handle.budget.on_step(step)
+        if (handle.components or handle.budget is not None) and step % interval == 0:
             telemetry.emit(engine, step, handle.collect())
         return result
 
@@ -456,6 +461,9 @@ def initialize(
         for component in (pipe, tied):
             if component is not None:
                 handle.add(component)
+    from .wire import budget
+
+    handle.budget = budget.install(engine)  # last: its hooks sit outside the features' own
     engine.ggspeed = handle
     _install_step_hook(engine, handle)
     _install_checkpoint_hooks(engine, handle)

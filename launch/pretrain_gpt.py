@@ -836,6 +836,7 @@ def print_summary(s: dict[str, Any]) -> None:
         f"  throughput             {fmt(s['tokens_per_s'])} tokens/s",
         f"  GCT bits per element   {fmt(s['gct_bits_per_element'])}",
         f"  ACT bits per element   {fmt(s['act_bits_per_element'])}",
+        f"  bytes across nodes     {fmt(s['wire_budget'].get('cross_bytes_per_step'))} per step",
         f"  logs                   {s['log_dir']}/metrics.jsonl (summary.json)",
         f"  plot                   {s.get('plot')}",
         f"  checkpoint             {s['checkpoint']}",
@@ -860,6 +861,8 @@ def finish(run: Run, metrics: MetricsLog, state: LoopState) -> dict[str, Any]:
         else float("nan"),
         "gct_bits_per_element": scal.get("gct/bits_per_element"),
         "act_bits_per_element": scal.get("act/bits_per_element"),
+        "ggspeed_scalars": scal,
+        "wire_budget": run.engine.ggspeed.budget.summary(skip=1),  # a collective: every rank
         "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
         "log_dir": str(metrics.log_dir),
         "checkpoint": str(state.last_ckpt) if state.last_ckpt else None,

@@ -60,6 +60,11 @@ class Run:
     valid: list[tuple[float, int, float]] = field(default_factory=list)  # (train s, step, loss)
     gct_bits_per_element: float | None = None
     act_bits_per_element: float | None = None
+    window: tuple[int, int] | None = None  # the steps the counters and the budget compare over
+    payload_per_step: float = float("nan")  # eth0 tx bytes - packets x HEADER_BYTES, all nodes
+    budget_cross_per_step: float = float("nan")  # the wire budget over the same window
+    budget: dict[str, Any] = field(default_factory=dict)  # summary.json's wire_budget
+    scalars: dict[str, float] = field(default_factory=dict)  # the last ggspeed scalars
     wall_s: float = 0.0
     log_dir: str = ""
 
@@ -68,8 +73,24 @@ class Run:
         return f"{self.config} @ {self.rate or 'unshaped'}"
 
 
-def ds_config(config: str, layout: str, out: Path, micro: int, global_batch: int) -> Path:
-    """The shipped tiny ds_config; ``plain`` drops its ggspeed section."""
+def _set(section: dict[str, Any], assignment: str) -> None:
+    """``a.b.c=value`` (JSON value) into the ggspeed section."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--ggspeed-set {assignment!r}: expected key.path=json_value")
+    *path, last = key.split(".")
+    for part in path:
+        section = section.setdefault(part, {})
+    try:
+        section[last] = json.loads(value)
+    except ValueError:
+        section[last] = value
+
+
+def ds_config(config: str, layout: str, out: Path, micro: int, global_batch: int,
+              overrides: tuple[str, ...] = ()) -> Path:  # fmt: skip
+    """The shipped tiny ds_config; ``plain`` drops its ggspeed section; ``overrides``
+    (``key.path=value``) change ggspeed's."""
     ds = json.loads((ROOT / "configs" / "ds_tiny_cpu.json").read_text())
     tp, pp = LAYOUTS[layout]
     dp = 4 // (tp * pp)
@@ -82,17 +103,26 @@ def ds_config(config: str, layout: str, out: Path, micro: int, global_batch: int
     ds.pop("csv_monitor", None)
     if config == "plain":
         ds.pop("ggspeed", None)
+    else:
+        for assignment in overrides:
+            _set(ds.setdefault("ggspeed", {}), assignment)
     path = out / f"ds_{config}_{layout}.json"
     path.write_text(json.dumps(ds, indent=1))
     return path
 
 
-class Counters:
-    """Samples (steps done, eth0 tx bytes per node) while a run goes; steps from metrics.jsonl."""
+HEADER_BYTES = 66
+"""Ethernet (14) + IPv4 (20) + TCP with the timestamp option (32) per counted frame: a frame's
+TCP payload is its length minus these (segmentation offload counts one header per frame)."""
 
-    def __init__(self, cluster: Any, metrics: Path, period_s: float = 0.5) -> None:
+
+class Counters:
+    """Samples (steps done, eth0 tx bytes and packets per node) while a run goes; steps from
+    metrics.jsonl."""
+
+    def __init__(self, cluster: Any, metrics: Path, period_s: float = 0.1) -> None:
         self.cluster, self.metrics, self.period_s = cluster, metrics, period_s
-        self.samples: list[tuple[int, dict[str, int]]] = []
+        self.samples: list[tuple[int, dict[str, dict[str, int]]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -105,9 +135,7 @@ class Counters:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            steps = self._steps()
-            tx = {ns: t for ns, (_, t) in self.cluster.iface_bytes().items()}
-            self.samples.append((steps, tx))
+            self.samples.append((self._steps(), self.cluster.iface_counters()))
             self._stop.wait(self.period_s)
 
     def __enter__(self) -> Counters:
@@ -118,19 +146,35 @@ class Counters:
         self._stop.set()
         self._thread.join()
 
-    def per_step(self, skip: int) -> tuple[float, dict[str, float]]:
-        """Bytes per step between the first sample at >= ``skip`` steps and the last step."""
+    def window(self, skip: int) -> tuple[int, int, dict[str, dict[str, int]]] | None:
+        """(first step, last step, counter deltas per node) between the first sample at >=
+        ``skip`` steps and the first sample that saw the last step."""
         done = [s for s in self.samples if s[0] >= skip]
         if len(done) < 2:
-            return float("nan"), {}
-        last_step = done[-1][0]
+            return None
         first = done[0]
-        last = next(s for s in done if s[0] == last_step)  # first sample that saw the last step
-        n = last[0] - first[0]
-        if n <= 0:
+        last = next(s for s in done if s[0] == done[-1][0])
+        if last[0] <= first[0]:
+            return None
+        delta = {ns: {k: last[1][ns][k] - first[1][ns][k] for k in first[1][ns]} for ns in first[1]}
+        return first[0], last[0], delta
+
+    def per_step(self, skip: int) -> tuple[float, dict[str, float]]:
+        """Transmitted bytes per step (all of eth0: headers, ACKs, ssh included) and by node."""
+        w = self.window(skip)
+        if w is None:
             return float("nan"), {}
-        by_node = {ns: (last[1][ns] - first[1][ns]) / n for ns in first[1]}
+        a, b, delta = w
+        by_node = {ns: d["tx_bytes"] / (b - a) for ns, d in delta.items()}
         return sum(by_node.values()), by_node
+
+
+def budget_between(budget: dict[str, Any], a: int, b: int) -> float:
+    """The wire budget's crossing bytes per step between steps ``a`` and ``b``."""
+    steps, cum = budget.get("steps", []), budget.get("cross_cumulative", [])
+    if a not in steps or b not in steps or b <= a:
+        return float("nan")
+    return (cum[steps.index(b)] - cum[steps.index(a)]) / (b - a)
 
 
 def run_one(c: Any, args: argparse.Namespace, layout: str, config: str, rate: str | None,
@@ -139,7 +183,8 @@ def run_one(c: Any, args: argparse.Namespace, layout: str, config: str, rate: st
     c.shape(rate, latency)
     name = f"{layout}_{config}_{rate or 'unshaped'}"
     log = out / name
-    ds = ds_config(config, layout, out, args.micro_batch, args.global_batch)
+    ds = ds_config(config, layout, out, args.micro_batch, args.global_batch,
+                   tuple(args.ggspeed_set) if config == "ggspeed" else ())  # fmt: skip
     trainer = [
         str(ROOT / "launch" / "pretrain_gpt.py"),
         "--deepspeed_config", str(ds),
@@ -168,6 +213,16 @@ def run_one(c: Any, args: argparse.Namespace, layout: str, config: str, rate: st
     run.gct_bits_per_element = summary.get("gct_bits_per_element")
     run.act_bits_per_element = summary.get("act_bits_per_element")
     run.bytes_per_step, run.bytes_per_step_by_node = counters.per_step(skip=2)
+    run.budget = summary.get("wire_budget") or {}
+    run.scalars = summary.get("ggspeed_scalars") or {}
+    w = counters.window(skip=2)
+    if w is not None:
+        a, b, delta = w
+        run.window = (a, b)
+        run.payload_per_step = sum(
+            d["tx_bytes"] - HEADER_BYTES * d["tx_packets"] for d in delta.values()
+        ) / (b - a)
+        run.budget_cross_per_step = budget_between(run.budget, a, b)
     seq = json.loads(Path(args.model_config).read_text())["seq_len"]
     run.valid = valid_curve(log, args.global_batch * seq)
     return run
@@ -190,22 +245,133 @@ def time_to(run: Run, target: float) -> float | None:
     return next((t for t, _, loss in run.valid if loss <= target), None)
 
 
+def _mb(x: float) -> str:
+    return f"{x / 1e6:.2f} MB" if x == x else "-"
+
+
 def table(runs: list[Run], target: float) -> str:
     ref = {r.layout: r for r in runs if r.rate is None and r.config == "plain"}
     rows = [
         "| layout | link | config | tokens/s | vs unshaped plain | time to valid loss "
-        f"{target:.3f} (s) | final valid loss | bytes across nodes / step | GCT bits/elt |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        f"{target:.3f} (s) | final valid loss | bytes across nodes / step | GCT bits/elt | "
+        "budget across nodes / step | TCP payload / step | budget / payload |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         tt = f"{r.time_to_target_s:.1f}" if r.time_to_target_s is not None else "not reached"
         bits = f"{r.gct_bits_per_element:.2f}" if r.gct_bits_per_element is not None else "-"
+        base = ref.get(r.layout)
+        vs = f"{r.tokens_per_s / base.tokens_per_s:.2f}" if base else "-"
+        check = r.budget_cross_per_step / r.payload_per_step if r.payload_per_step else float("nan")
         rows.append(
             f"| {r.layout} | {r.rate or 'unshaped'} | {r.config} | {r.tokens_per_s:.0f} | "
-            f"{r.tokens_per_s / ref[r.layout].tokens_per_s:.2f} | {tt} | {r.final_valid_loss:.4f} | "
-            f"{r.bytes_per_step / 1e6:.2f} MB | {bits} |"
+            f"{vs} | {tt} | {r.final_valid_loss:.4f} | {_mb(r.bytes_per_step)} | {bits} | "
+            f"{_mb(r.budget_cross_per_step)} | {_mb(r.payload_per_step)} | {check:.3f} |"
         )
     return "\n".join(rows)
+
+
+COMPONENT_KINDS = {"gct": "dp_grad", "param_gather": "zero_param"}
+"""Which budget kind each component's scalars describe (components that code pipeline traffic
+name the direction in their keys: ``..act..`` / ``..grad..``)."""
+
+
+def _kind_of(key: str) -> str | None:
+    comp, _, name = key.partition("/")
+    if comp in COMPONENT_KINDS:
+        return COMPONENT_KINDS[comp]
+    if comp in ("pipe", "pipeline", "p2p"):
+        return "pp_act" if "act" in name else "pp_grad" if "grad" in name else None
+    return None
+
+
+def plain_dtype(ds: dict[str, Any]) -> tuple[str, int]:
+    """The dtype plain DeepSpeed sends, from the ds_config: (name, bits)."""
+    for key, name in (("bf16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16")):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
+            return name, 16
+    return "fp32", 32
+
+
+def bits_table(runs: list[Run], dtype: tuple[str, int]) -> str:
+    """Per kind of traffic: bits per element on the wire (from the budget: plain's dtype bits x
+    ggspeed's bytes / plain's bytes of that kind; and each component's own figure) beside the
+    entropy of the coded levels where the component reports it."""
+    plain = {r.layout: r for r in runs if r.config == "plain" and r.rate is None}
+    rows = [
+        f"| layout | link | kind | plain bytes / step ({dtype[0]}) | ggspeed bytes / step | "
+        "wire bits/elt (budget) | component bits/elt | entropy bits/elt |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        base = plain.get(r.layout)
+        if r.config != "ggspeed" or base is None:
+            continue
+        comp: dict[str, dict[str, float]] = {}
+        for key, value in r.scalars.items():
+            kind, name = _kind_of(key), key.rsplit("/", 1)[-1]
+            if kind is None:
+                continue
+            if name.endswith("entropy_bits_per_element"):
+                comp.setdefault(kind, {})["entropy"] = value
+            elif name in ("bits_per_element", "act_bits_per_element", "grad_bits_per_element"):
+                comp.setdefault(kind, {})["bits"] = value
+        for kind, pk in base.budget.get("kinds", {}).items():
+            gk = r.budget.get("kinds", {}).get(kind, {})
+            pb, gb = pk.get("bytes_per_step", 0.0), gk.get("bytes_per_step", 0.0)
+            if kind == "other" or (not pb and not gb):  # scalars, verdicts: no elements
+                continue
+            wire = f"{dtype[1] * gb / pb:.2f}" if pb else "-"
+            c = comp.get(kind, {})
+            cb = f"{c['bits']:.2f}" if "bits" in c else "-"
+            ce = f"{c['entropy']:.2f}" if "entropy" in c else "n/a"
+            rows.append(f"| {r.layout} | {r.rate or 'unshaped'} | {kind} | {_mb(pb)} | "
+                        f"{_mb(gb)} | {wire} | {cb} | {ce} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def targets(runs: list[Run], dtype: tuple[str, int], min_steps: int = 300) -> list[str]:
+    """One PASS/FAIL line per target and layout (docs/cluster.md, "Targets"), and the budget
+    check of every run."""
+    lines = []
+    for layout in sorted({r.layout for r in runs}):
+        ref = next((r for r in runs if r.layout == layout and r.config == "plain"
+                    and r.rate is None), None)  # fmt: skip
+        if ref is None:
+            lines.append(f"{layout}: no plain unshaped run: targets not evaluated")
+            continue
+        for r in (r for r in runs if r.layout == layout and r.config == "ggspeed"):
+            tag = f"{layout} ggspeed @ {r.rate or 'unshaped'}"
+            speed = r.tokens_per_s / ref.tokens_per_s
+            need = 0.9 if r.rate and r.rate.endswith("gbit") else 0.8
+            lines.append(f"{'PASS' if speed >= need else 'FAIL'} {tag}: tokens/s {speed:.2f} "
+                         f"of unshaped plain (target >= {need})")  # fmt: skip
+            plain_x = ref.budget.get("cross_bytes_per_step", ref.bytes_per_step)
+            mine_x = r.budget.get("cross_bytes_per_step", r.bytes_per_step)
+            ratio = mine_x / plain_x if plain_x else float("nan")
+            lines.append(
+                f"{'PASS' if ratio <= 0.1 else 'FAIL'} {tag}: bytes across nodes per step "
+                f"{_mb(mine_x)} = {ratio:.3f} of plain's {_mb(plain_x)} ({dtype[0]}) "
+                "(target <= 0.1)"
+            )
+            rel = abs(r.final_valid_loss - ref.final_valid_loss) / ref.final_valid_loss
+            enough = r.steps >= min_steps
+            verdict = "PASS" if rel <= 0.01 and enough else "FAIL"
+            lines.append(
+                f"{verdict} {tag}: final validation loss {r.final_valid_loss:.4f} vs plain "
+                f"{ref.final_valid_loss:.4f} ({100 * rel:.2f}%, target <= 1% after >= "
+                f"{min_steps} steps; ran {r.steps})"
+            )
+    for r in runs:
+        if r.payload_per_step == r.payload_per_step and r.payload_per_step > 0:
+            dev = r.budget_cross_per_step / r.payload_per_step - 1
+            lines.append(
+                f"{'PASS' if abs(dev) <= 0.05 else 'FAIL'} budget check {r.layout} {r.label}: "
+                f"budget {_mb(r.budget_cross_per_step)} vs eth0 TCP payload "
+                f"{_mb(r.payload_per_step)} per step over steps {r.window} ({100 * dev:+.1f}%, "
+                "target within 5%)"
+            )
+    return lines
 
 
 def plot(runs: list[Run], path: Path) -> None:
@@ -232,10 +398,24 @@ def plot(runs: list[Run], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rates", default="100mbit,1gbit", help="shaped link rates, comma-separated")
+    p.add_argument("--rates", default="100mbit,1gbit",
+                   help="shaped link rates, comma-separated ('unshaped': the bare link)")  # fmt: skip
     p.add_argument("--latency", default="1ms",
                    help="added one-way delay per node egress ('none': no netem)")  # fmt: skip
     p.add_argument("--layouts", default="dp", help=f"comma-separated, of {sorted(LAYOUTS)}")
+    p.add_argument("--targets", action="store_true",
+                   help="the targets' run set per layout: plain unshaped, then ggspeed at each "
+                        "rate (add --plain-shaped for plain at each rate); prints PASS/FAIL "
+                        "lines")  # fmt: skip
+    p.add_argument("--plain-shaped", action="store_true",
+                   help="with --targets: plain at each rate too (its losses do not depend on "
+                        "the link)")  # fmt: skip
+    p.add_argument("--skip-plain", action="store_true",
+                   help="with --targets: no plain run (a ggspeed variant beside a plain run "
+                        "measured before; the PASS/FAIL lines then need --replot with both)")  # fmt: skip
+    p.add_argument("--ggspeed-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the ggspeed run's section, e.g. wire.param_gather.enabled=false "
+                        "(repeatable; the value is JSON)")  # fmt: skip
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-interval", type=int, default=25)
     p.add_argument("--eval-iters", type=int, default=2)
@@ -258,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [x for x in layouts if x not in LAYOUTS]
     if bad:
         p.error(f"--layouts {','.join(bad)}: allowed {sorted(LAYOUTS)}")
-    rates = [r for r in args.rates.split(",") if r]
+    rates: list[str | None] = [
+        None if r == "unshaped" else r for r in args.rates.split(",") if r
+    ]  # "unshaped": ggspeed without shaping too
     latency = None if args.latency in ("none", "0", "") else args.latency
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,9 +463,16 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     try:
         for layout in layouts:
-            plan = [("plain", None, None)] + [
-                (config, rate, latency) for rate in rates for config in CONFIGS
-            ]
+            if args.targets:
+                plan = [("plain", None, None)] * (not args.skip_plain) + [
+                    (config, rate, latency if rate else None)
+                    for rate in rates
+                    for config in (CONFIGS if args.plain_shaped and rate else ("ggspeed",))
+                ]
+            else:
+                plan = [("plain", None, None)] + [
+                    (config, rate, latency) for rate in rates for config in CONFIGS
+                ]
             for config, rate, lat in plan:
                 print(f"[bench] {layout} {config} @ {rate or 'unshaped'}", flush=True)
                 r = run_one(c, args, layout, config, rate, lat, out)
@@ -312,15 +501,18 @@ def report(runs: list[Run], args: argparse.Namespace, out: Path) -> int:
         target = max(r.final_valid_loss for r in runs)
     for r in runs:
         r.time_to_target_s = time_to(r, target)
-    md = table(runs, target)
+    dtype = plain_dtype(json.loads((ROOT / "configs" / "ds_tiny_cpu.json").read_text()))
+    md = "\n\n".join([table(runs, target), bits_table(runs, dtype)])
+    checks = targets(runs, dtype)
     plot(runs, out / "loss_vs_time.png")
     (out / "results.json").write_text(
         json.dumps(
             {"target_loss": target, "args": vars(args), "runs": [asdict(r) for r in runs]}, indent=1
         )
     )
-    (out / "table.md").write_text(md + "\n")
+    (out / "table.md").write_text(md + "\n\n" + "\n".join(f"- {c}" for c in checks) + "\n")
     print(md)
+    print("\n".join(checks))
     print(f"[bench] {out}/results.json, table.md, loss_vs_time.png")
     return 0
 

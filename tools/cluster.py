@@ -376,8 +376,8 @@ class Cluster:
         return ["deepspeed", "--hostfile", str(self.hostfile), "--master_addr", self.master_addr,
                 *[a for k, v in kw.items() for a in (f"--{k}", str(v))], *script_and_args]  # fmt: skip
 
-    def iface_bytes(self) -> dict[str, tuple[int, int]]:
-        """(rx, tx) bytes of each node's eth0, from /proc/net/dev inside its namespace."""
+    def iface_counters(self) -> dict[str, dict[str, int]]:
+        """Each node's eth0 rx/tx bytes and packets (``/proc/net/dev`` inside its namespace)."""
         out = {}
         for k in range(self.nodes):
             pid = self.pids.get(self.ns(k))
@@ -390,9 +390,14 @@ class Cluster:
             for line in text.splitlines():
                 name, _, rest = line.partition(":")
                 if name.strip() == "eth0":
-                    f = rest.split()
-                    out[self.ns(k)] = (int(f[0]), int(f[8]))
+                    f = [int(x) for x in rest.split()]
+                    out[self.ns(k)] = {"rx_bytes": f[0], "rx_packets": f[1],
+                                       "tx_bytes": f[8], "tx_packets": f[9]}  # fmt: skip
         return out
+
+    def iface_bytes(self) -> dict[str, tuple[int, int]]:
+        """(rx, tx) bytes of each node's eth0, from /proc/net/dev inside its namespace."""
+        return {ns: (c["rx_bytes"], c["tx_bytes"]) for ns, c in self.iface_counters().items()}
 
     def rank_pids(self, node: int) -> dict[int, int]:
         """{global rank: pid} of the processes in ``node`` that carry a RANK (the trainer ranks)."""

@@ -5,11 +5,13 @@ pipeline's activations and their gradients, and its tied-weight gradient all-red
     ...train...; state.scalars()["bits_per_element"]
 
 In a ds_config: ``"ggspeed": {"wire": {"param_gather": {"enabled": true}}}`` with
-``ggspeed.initialize``. See docs/wire.md.
+``ggspeed.initialize``. :mod:`ggspeed.wire.budget` counts the bytes every collective of a step
+sends, by kind and across nodes (``engine.ggspeed.budget``). See docs/wire.md.
 """
 
 from __future__ import annotations
 
+from . import budget
 from .coding import apply_update, decode_update, encode_update
 from .pipe import CodedPipe, PipeStats, PipeWireError, install_coded_pipe
 from .settings import KEY, ParamGatherSettings
@@ -26,6 +28,7 @@ __all__ = [
     "PipeWireError",
     "TiedGradState",
     "apply_update",
+    "budget",
     "check_ds_config",
     "decode_update",
     "encode_update",
