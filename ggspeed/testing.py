@@ -8,19 +8,20 @@ can import it; its return value on each rank comes back in rank order):
   (DeepSpeed engines and Megatron's parallel state) and for benchmarks.
 - :func:`pool_ranks` runs the call on a :class:`RankPool` kept per world size: the interpreters
   (and their torch, numba and DeepSpeed imports, most of a short test's cost) are started once
-  and reused. Each call still gets what a fresh rank gets: a new default gloo group on a new port
-  (destroyed with every subgroup afterwards), the launcher environment, a new random seed,
-  float32 as default dtype, grad mode on, one thread; afterwards the environment and ggspeed's
-  test switches (``gct.common`` flags, ``Exchange.send_hook``, ``direct.usable``) are restored
-  and DeepSpeed's communication backend and group caches are dropped. A rank that raises, dies
-  or hangs past ``timeout`` ends the pool (the next call starts a new one), so a failing test
-  cannot leave a half-finished collective or changed state to the tests after it.
+  and reused. Each call still gets what a fresh rank gets: the caller's environment of the
+  moment plus the launcher's, a new default gloo group on a new port (destroyed with every
+  subgroup afterwards), a new random seed, float32 as default dtype, grad mode on, one thread.
+  Afterwards ggspeed's test switches (``gct.common`` flags, ``Exchange.send_hook``,
+  ``direct.usable``) are restored and DeepSpeed's communication backend and group caches are
+  dropped. A rank that raises, dies or hangs past ``timeout`` ends the pool (the next call
+  starts a new one), so a failing test cannot leave a half-finished collective or changed
+  state to the tests after it.
 
 Each rank has the environment a launcher would give it (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR/PORT) and one OpenMP and one numba thread (ranks share the machine's cores).
 LOCAL_SIZE is not set, so DeepSpeed on CPU does not create its never-freed /dev/shm all-reduce
 segment. An exception on a rank fails the caller with an ``AssertionError`` that names the rank
-and carries its traceback; a hang raises ``TimeoutError`` naming the ranks that did not answer.
+and carries its traceback; a hang raises ``TimeoutError`` naming the ranks still running the function.
 """
 
 from __future__ import annotations
@@ -70,13 +71,24 @@ def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     }
 
 
-def _call(fn: Callable[..., Any], args: tuple, kwargs: dict, init_pg: bool, rank: int, world: int):
-    """One rank's part of a call, in an environment already set: group, function, teardown."""
+def _call(
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    init_pg: bool,
+    rank: int,
+    world: int,
+    returned: Callable[[], None] | None = None,
+):
+    """One rank's part of a call, in an environment already set: group, function, teardown
+    (``returned`` is told when the function has returned, before the teardown waits for peers)."""
     import torch.distributed as dist
 
     if init_pg:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     result = fn(*args, **kwargs)
+    if returned is not None:
+        returned()
     if dist.is_initialized():
         # Tear the group down together, whoever created it: a rank that exits while its peer's
         # gloo pairs are still open makes the peer abort ("terminate called without an active
@@ -221,19 +233,29 @@ def _worker(rank: int, world_size: int, conn: Connection) -> None:
         task = conn.recv_bytes()
         if not task:
             return
-        saved_env = dict(os.environ)
         try:
-            fn, args, kwargs, port, init_pg, env = pickle.loads(task)
+            fn, args, kwargs, port, init_pg, env, caller_env = pickle.loads(task)
+            # what a rank spawned now would have: the caller's environment, the launcher's, env
+            os.environ.clear()
+            os.environ.update(caller_env)
             os.environ.update(rank_env(rank, world_size, port), **env)
+            os.environ.pop("LOCAL_SIZE", None)
             _fresh_torch_state()
-            reply = ("ok", pickle.dumps(_call(fn, args, kwargs, init_pg, rank, world_size)))
+            result = _call(
+                fn,
+                args,
+                kwargs,
+                init_pg,
+                rank,
+                world_size,
+                returned=lambda: conn.send_bytes(pickle.dumps(("returned", None))),
+            )
+            reply = ("ok", pickle.dumps(result))
         except BaseException:
             reply = ("error", f"rank {rank}: {traceback.format_exc()}")
         conn.send_bytes(pickle.dumps(reply))
         if reply[0] == "error":
             return
-        os.environ.clear()
-        os.environ.update(saved_env)
         for (obj, name), value in switches:
             setattr(obj, name, value)
         _drop_library_state()
@@ -301,29 +323,39 @@ class RankPool:
     ) -> list[Any]:
         if not self.alive:
             raise RuntimeError("the rank pool is closed")
-        task = pickle.dumps((fn, args, kwargs, free_port(), init_pg, dict(env or {})))
+        task = pickle.dumps(
+            (fn, args, kwargs, free_port(), init_pg, dict(env or {}), dict(os.environ))
+        )
         for conn in self._conns:
             conn.send_bytes(task)
         replies: dict[int, tuple[str, Any]] = {}
         deadline = time.monotonic() + timeout
         waiting = {conn: rank for rank, conn in enumerate(self._conns)}
+        returned: set[int] = set()  # ranks whose function returned (now in the teardown)
         sentinels = {proc.sentinel: rank for rank, proc in enumerate(self._procs)}
         try:
             while waiting:
                 left = deadline - time.monotonic()
                 ready = wait([*waiting, *sentinels], timeout=max(0.0, left)) if left > 0 else []
                 if not ready:
+                    running = sorted(set(waiting.values()) - returned)
                     raise TimeoutError(
-                        f"{fn.__name__} on {self.world_size} pooled ranks: rank(s) "
-                        f"{sorted(waiting.values())} gave no answer within {timeout} s"
+                        f"{fn.__name__} on {self.world_size} pooled ranks: rank(s) {running} "
+                        f"still running after {timeout} s (rank(s) "
+                        f"{sorted(returned & set(waiting.values()))} returned and wait for them)"
                     )
                 for obj in ready:
                     if obj in waiting:
-                        rank = waiting.pop(obj)
+                        rank = waiting[obj]
                         try:
-                            replies[rank] = pickle.loads(obj.recv_bytes())
+                            reply = pickle.loads(obj.recv_bytes())
                         except (EOFError, OSError):
-                            replies[rank] = ("error", f"rank {rank}: died without an answer")
+                            reply = ("error", f"rank {rank}: died without an answer")
+                        if reply[0] == "returned":
+                            returned.add(rank)
+                            continue
+                        replies[rank] = reply
+                        del waiting[obj]
                         if replies[rank][0] == "error":
                             raise AssertionError(replies[rank][1])
                     elif obj in sentinels and sentinels[obj] in waiting.values():
