@@ -261,8 +261,9 @@ class TestFourRanksDDPHook:
             )
 
 
-def test_four_ranks_pipeline_two_stages_by_two_replicas(four) -> None:
-    _check_pipeline([r["pipeline"] for r in four])
+class TestFourRanksPipeline:
+    def test_two_stages_by_two_replicas_train_alike(self, four) -> None:
+        _check_pipeline([r["pipeline"] for r in four])
 
 
 def _check_pipeline(res: list[dict]) -> None:
