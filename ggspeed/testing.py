@@ -217,8 +217,12 @@ def _drop_library_state() -> None:
     groups = sys.modules.get("deepspeed.utils.groups")
     if groups is not None:
         for name, value in vars(groups).items():
-            if name.startswith("_") and name.isupper() and not isinstance(value, str):
-                setattr(groups, name, {} if isinstance(value, dict) else None)
+            if not (name.startswith("_") and name.isupper()):
+                continue
+            if isinstance(value, dict):
+                setattr(groups, name, {})
+            elif value is not None and not isinstance(value, str | bool | int | float):
+                setattr(groups, name, None)  # a process group or an mpu
     parallel_state = sys.modules.get("megatron.core.parallel_state")
     if parallel_state is not None:
         parallel_state.destroy_model_parallel()

@@ -65,6 +65,17 @@ def _state_seen() -> dict:
     }
 
 
+def _deepspeed_all_reduce() -> float:
+    """DeepSpeed's communication backend on the call's own group (init_pg=False)."""
+    import deepspeed
+    import deepspeed.comm as ds_dist
+
+    deepspeed.init_distributed("gloo")
+    t = torch.tensor([float(ds_dist.get_rank() + 1)])
+    ds_dist.all_reduce(t)
+    return t.item()
+
+
 def _env_var(name: str) -> str | None:
     return os.environ.get(name)
 
@@ -103,6 +114,11 @@ class TestPooledRanks:
             assert p["group"] == f["group"], f"rank {rank}: subgroup names continue a past call"
             assert p["world"] == f["world"] == (rank, 2, str(rank)), f"rank {rank}: its place"
         assert fresh[0]["master_port"] == fresh[1]["master_port"], "one rendezvous per call"
+
+    def test_deepspeed_comm_is_set_up_again_by_each_call(self):
+        for call in range(2):
+            got = pool_ranks(_deepspeed_all_reduce, 2, init_pg=False, timeout=240)
+            assert got == [3.0, 3.0], f"call {call}: DeepSpeed's all-reduce gave {got}"
 
     def test_env_reaches_every_rank_for_one_call(self):
         assert pool_ranks(
