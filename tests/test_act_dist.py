@@ -1,5 +1,6 @@
-"""ACT on real DeepSpeed engines, 2 gloo ranks, one launch: data parallel through
-ggspeed.initialize, a 2-stage PipelineModule, and partition_activations over a 2-rank group."""
+"""ACT on real DeepSpeed engines, 2 fresh gloo ranks, one launch shared by the tests: data
+parallel through ggspeed.initialize, a 2-stage PipelineModule, and partition_activations over a
+2-rank group."""
 
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ def _data_parallel(rank: int) -> dict:
     engine, *_ = ggspeed.initialize(
         model=model, model_parameters=model.parameters(), config=_base_config()
     )
-    assert deepspeed.checkpointing.checkpoint is act.checkpoint
+    assert deepspeed.checkpointing.checkpoint is act.checkpoint, "install() did not swap it"
     state = engine.ggspeed.components["act"]
-    assert state is act.active_state() and state.grad_scale == 0.5
+    assert state is act.active_state(), "the engine's ACT state is not the active one"
+    assert state.grad_scale == 0.5, f"grad_scale {state.grad_scale}: 1 / accumulation steps"
     g = torch.Generator().manual_seed(100 + rank)
     batches = [torch.randint(0, 64, (2, 17), generator=g) for _ in range(2)]
     losses, scalars = [], []
@@ -200,30 +202,69 @@ def _all(rank_unused: int = 0) -> dict:
     return {"dp": _data_parallel(rank), "pipe": _pipeline(rank), "part": _partitioned(rank)}
 
 
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    """One launch of 2 fresh ranks (DeepSpeed engines stay on fresh ranks) for all three parts."""
+    return run_ranks(_all, 2, init_pg=False, timeout=240)
+
+
 @pytest.mark.dist
-def test_act_on_deepspeed_two_ranks(tmp_path):
-    r0, r1 = run_ranks(_all, 2, init_pg=False, timeout=240)
+class TestDataParallel:
+    def test_replicas_stay_equal(self, ranks):
+        assert ranks[0]["dp"]["digest"] == ranks[1]["dp"]["digest"], "data-parallel ranks diverged"
 
-    dp0, dp1 = r0["dp"], r1["dp"]
-    assert dp0["digest"] == dp1["digest"], "data-parallel ranks diverged"
-    for dp in (dp0, dp1):
-        assert dp["losses"][-1] < 0.9 * dp["losses"][0], dp["losses"]
-        assert dp["live"] == 0 and dp["lambda"] == pytest.approx(1e-2)
-        assert set(dp["shapes"]) == {0, 1, 2}
-    last = dp0["scalars"][-1]
-    assert last == dp1["scalars"][-1]  # averaged over ranks by runtime
-    assert 0 < last["act/bits_per_element"] < 8 and last["act/ratio_vs_bf16"] > 2
-    assert last["act/stored_mb"] < last["act/bf16_mb"] and last["act/penalty"] > 0
+    def test_loss_falls(self, ranks):
+        for rank, r in enumerate(ranks):
+            losses = r["dp"]["losses"]
+            assert losses[-1] < 0.9 * losses[0], f"rank {rank}: losses {losses}"
 
-    p0, p1 = r0["pipe"], r1["pipe"]
-    assert (p0["stage"], p1["stage"]) == (0, 1)
-    assert (p0["offset"], p1["offset"]) == (0, 2)
-    assert (p0["blocks"], p1["blocks"]) == ([0, 1], [2, 3])
-    assert p0["losses"] == p1["losses"]
-    assert p0["losses"][-1] < 0.8 * p0["losses"][0], p0["losses"]
-    assert p0["live"] == 0 == p1["live"]
-    assert math.isfinite(p0["scalars"]["act/bits_per_element"])
+    def test_no_stored_activation_outlives_the_step(self, ranks):
+        for rank, r in enumerate(ranks):
+            assert r["dp"]["live"] == 0, f"rank {rank}: {r['dp']['live']} bytes still stored"
 
-    for part in (r0["part"], r1["part"]):
-        assert part["equal"]
-        assert part["part_mb"] < 0.6 * part["full_mb"]
+    def test_lambda_and_shapes_per_block(self, ranks):
+        for rank, r in enumerate(ranks):
+            assert r["dp"]["lambda"] == pytest.approx(1e-2), f"rank {rank}: {r['dp']['lambda']}"
+            assert set(r["dp"]["shapes"]) == {0, 1, 2}, f"rank {rank}: {r['dp']['shapes']}"
+
+    def test_scalars_are_averaged_over_ranks(self, ranks):
+        # averaged over ranks by runtime
+        assert ranks[0]["dp"]["scalars"][-1] == ranks[1]["dp"]["scalars"][-1], "ranks' scalars"
+
+    def test_storage_is_compressed(self, ranks):
+        last = ranks[0]["dp"]["scalars"][-1]
+        assert 0 < last["act/bits_per_element"] < 8, f"bits/element {last}"
+        assert last["act/ratio_vs_bf16"] > 2, f"ratio vs bf16 {last}"
+        assert last["act/stored_mb"] < last["act/bf16_mb"], f"stored vs bf16 MB {last}"
+        assert last["act/penalty"] > 0, f"penalty {last}"
+
+
+@pytest.mark.dist
+class TestPipeline:
+    def test_stages_hold_their_blocks(self, ranks):
+        p0, p1 = ranks[0]["pipe"], ranks[1]["pipe"]
+        assert (p0["stage"], p1["stage"]) == (0, 1), "stage ids"
+        assert (p0["offset"], p1["offset"]) == (0, 2), "block offsets"
+        assert (p0["blocks"], p1["blocks"]) == ([0, 1], [2, 3]), "blocks per stage"
+
+    def test_loss_agrees_and_falls(self, ranks):
+        p0, p1 = ranks[0]["pipe"], ranks[1]["pipe"]
+        assert p0["losses"] == p1["losses"], "stages report different losses"
+        assert p0["losses"][-1] < 0.8 * p0["losses"][0], f"losses {p0['losses']}"
+
+    def test_nothing_stored_after_the_batch_and_bits_reported(self, ranks):
+        p0, p1 = ranks[0]["pipe"], ranks[1]["pipe"]
+        assert p0["live"] == 0 == p1["live"], "activations still stored after train_batch"
+        assert math.isfinite(p0["scalars"]["act/bits_per_element"]), "bits/element"
+
+
+@pytest.mark.dist
+class TestPartitionedActivations:
+    def test_gradients_equal_the_unpartitioned_ones(self, ranks):
+        for rank, r in enumerate(ranks):
+            assert r["part"]["equal"], f"rank {rank}: partitioned gradients differ"
+
+    def test_each_rank_stores_about_half(self, ranks):
+        for rank, r in enumerate(ranks):
+            part = r["part"]
+            assert part["part_mb"] < 0.6 * part["full_mb"], f"rank {rank}: {part}"

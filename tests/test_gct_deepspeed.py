@@ -158,34 +158,98 @@ def _engines_and_checkpoint(tmpdir: str) -> dict:
     return out
 
 
-def test_deepspeed_engines_2_ranks(tmp_path) -> None:
-    res = run_ranks(_engines_and_checkpoint, 2, str(tmp_path), init_pg=False, timeout=400)
-    base_first, base_last = res[0].pop("baseline_no_gct")["loss"]
-    assert base_last < 0.3 * base_first
-    for name, r0 in res[0].items():
-        if not isinstance(r0, dict) or "params" not in r0:
-            continue
-        r1 = res[1][name]
-        assert torch.equal(r0["params"], r1["params"]), f"{name}: ranks diverged"
-        first, last = r0["loss"]
-        # trains about as well as the exact all-reduce (bf16 runs carry bf16 rounding too)
-        assert last < 0.3 * first and last < 1.5 * base_last + 0.02, (name, r0["loss"], base_last)
-        assert r0["calls"] >= STEPS and 0 < r0["bits"] < 8, (name, r0["calls"], r0["bits"])
-        assert r0["keys"], name
-        assert r0["keys"] == r0["keys_early"], f"{name}: residual keys drift between steps"
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> list[dict]:
+    """One launch of 2 fresh ranks (DeepSpeed engines stay on fresh ranks) for every engine
+    configuration, the checkpoint round trip and the refusals."""
+    tmp = tmp_path_factory.mktemp("engines")
+    return run_ranks(_engines_and_checkpoint, 2, str(tmp), init_pg=False, timeout=400)
+
+
+def _runs(res: list[dict]) -> dict[str, tuple[dict, dict]]:
+    """The GCT training runs by name: (rank 0's, rank 1's)."""
+    return {
+        name: (r0, res[1][name])
+        for name, r0 in res[0].items()
+        if isinstance(r0, dict) and "params" in r0 and name != "baseline_no_gct"
+    }
+
+
+class TestEngineTraining:
+    """Each ZeRO stage / precision / accumulation setting trains 20 steps with GCT."""
+
+    def test_the_exact_all_reduce_baseline_trains(self, engines) -> None:
+        first, last = engines[0]["baseline_no_gct"]["loss"]
+        assert last < 0.3 * first, f"baseline loss {first} -> {last}"
+
+    def test_replicas_stay_equal(self, engines) -> None:
+        for name, (r0, r1) in _runs(engines).items():
+            assert torch.equal(r0["params"], r1["params"]), f"{name}: ranks diverged"
+
+    def test_trains_about_as_well_as_the_exact_all_reduce(self, engines) -> None:
+        base_last = engines[0]["baseline_no_gct"]["loss"][1]
+        for name, (r0, _) in _runs(engines).items():
+            first, last = r0["loss"]
+            # bf16 runs carry bf16 rounding too
+            assert last < 0.3 * first and last < 1.5 * base_last + 0.02, (
+                f"{name}: loss {r0['loss']}, baseline ends at {base_last}"
+            )
+
+    def test_every_reduction_is_coded(self, engines) -> None:
+        for name, (r0, _) in _runs(engines).items():
+            assert r0["calls"] >= STEPS and 0 < r0["bits"] < 8, (
+                f"{name}: {r0['calls']} calls, {r0['bits']} bits/element"
+            )
+
+    def test_residual_keys_are_stable(self, engines) -> None:
+        for name, (r0, _) in _runs(engines).items():
+            assert r0["keys"], f"{name}: no residual keys"
+            assert r0["keys"] == r0["keys_early"], f"{name}: residual keys drift between steps"
+
+    def test_on_step_runs_once_per_optimizer_step(self, engines) -> None:
         # the runtime drives on_step once per optimizer step (gas 2: once per 2 micro-batches)
-        assert r0["on_step"] == list(range(1, STEPS + 1)), f"{name}: on_step {r0['on_step']}"
-        assert r0["global_steps"] == STEPS, name
-    # ZeRO-2 reduces per micro-batch: twice the calls of a ZeRO-1 run, same residual keys reused.
-    assert res[0]["zero2_fp32_noRS_gas2"]["calls"] >= 2 * STEPS
-    for r in res:
-        assert torch.equal(r["ckpt_full"], r["ckpt_resumed"]), "checkpoint round trip differs"
-        assert not torch.equal(r["ckpt_full"], r["ckpt_no_state"])
-        assert r["ckpt_restored_keys"]
-        assert r["scalars"]["lambda"] == pytest.approx(1e-3)
-        assert "zero_optimization.stage: got 3" in r["zero3"]
-        assert "ggspeed.gct.quant_step" in r["mismatch"]
-    assert not os.path.exists(os.path.join("/dev/shm", "deepspeed_allreduce_buffer_x"))
+        for name, (r0, _) in _runs(engines).items():
+            assert r0["on_step"] == list(range(1, STEPS + 1)), f"{name}: on_step {r0['on_step']}"
+            assert r0["global_steps"] == STEPS, f"{name}: {r0['global_steps']} global steps"
+
+    def test_zero2_reduces_per_micro_batch(self, engines) -> None:
+        # ZeRO-2 reduces per micro-batch: twice the calls of a ZeRO-1 run, same keys reused.
+        calls = engines[0]["zero2_fp32_noRS_gas2"]["calls"]
+        assert calls >= 2 * STEPS, f"ZeRO-2 with 2 micro-batches: {calls} calls"
+
+    def test_no_shared_memory_segment_is_left(self, engines) -> None:
+        assert not os.path.exists(os.path.join("/dev/shm", "deepspeed_allreduce_buffer_x")), (
+            "DeepSpeed's CPU all-reduce segment was created"
+        )
+
+
+class TestEngineCheckpoint:
+    def test_resume_equals_the_uninterrupted_run(self, engines) -> None:
+        for rank, r in enumerate(engines):
+            assert torch.equal(r["ckpt_full"], r["ckpt_resumed"]), (
+                f"rank {rank}: checkpoint round trip differs"
+            )
+
+    def test_the_residuals_matter(self, engines) -> None:
+        for rank, r in enumerate(engines):
+            assert not torch.equal(r["ckpt_full"], r["ckpt_no_state"]), (
+                f"rank {rank}: resuming without GCT state gave the same parameters"
+            )
+
+    def test_state_is_restored(self, engines) -> None:
+        for rank, r in enumerate(engines):
+            assert r["ckpt_restored_keys"], f"rank {rank}: no residual restored"
+            assert r["scalars"]["lambda"] == pytest.approx(1e-3), f"rank {rank}: {r['scalars']}"
+
+
+class TestEngineRefusals:
+    def test_zero3_is_refused_naming_the_key(self, engines) -> None:
+        for rank, r in enumerate(engines):
+            assert "zero_optimization.stage: got 3" in r["zero3"], f"rank {rank}: {r['zero3']}"
+
+    def test_ranks_with_different_settings_are_refused(self, engines) -> None:
+        for rank, r in enumerate(engines):
+            assert "ggspeed.gct.quant_step" in r["mismatch"], f"rank {rank}: {r['mismatch']}"
 
 
 def _pipeline(bf16_zero1: bool) -> dict:

@@ -1,12 +1,15 @@
-"""4 gloo ranks, one launch: the compressed all-reduce (also on 2-rank subgroups), the DDP hook,
-and a DeepSpeed PipelineModule with 2 stages x 2 data-parallel ranks."""
+"""The compressed all-reduce on real gloo ranks.
+
+4 fresh ranks, one launch: the all-reduce (also on 2-rank subgroups), error feedback, non-finite
+input, the DDP hook, and a DeepSpeed PipelineModule with 2 stages x 2 data-parallel ranks.
+2 pooled ranks: the exchanges agree, keep their bits, and refuse a corrupted stream."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.dist import run_ranks
+from tests.dist import pool_ranks, run_ranks
 from tests.test_gct_deepspeed import STEPS
 
 pytestmark = pytest.mark.dist
@@ -159,35 +162,108 @@ def _four_ranks() -> dict:
     return {**_collective_checks(), "pipeline": _pipeline(True)}
 
 
-def test_four_ranks_collective_hook_pipeline() -> None:
-    res = run_ranks(_four_ranks, 4, init_pg=False, timeout=300)
-    _check_pipeline([r["pipeline"] for r in res])
-    for name in ("round", "rdoq", "rdoq_allgather", "abs_auto"):
-        for r in res[1:]:
-            assert torch.equal(r[name]["result"], res[0][name]["result"]), name
-        for r in res:
-            assert r[name]["max_err_steps"] <= r[name]["bound"] * 1.0001, (name, r[name])
-            assert 0 < r[name]["bits"] < 8, (name, r[name]["bits"])
-    assert res[0]["rdoq"]["bits"] < res[0]["round"]["bits"]
-    # same levels, exact integer sums: the two exchanges agree bit for bit
-    assert torch.equal(res[0]["rdoq"]["result"], res[0]["rdoq_allgather"]["result"])
-    assert torch.equal(res[0]["sub"]["result"], res[1]["sub"]["result"])
-    assert torch.equal(res[2]["sub"]["result"], res[3]["sub"]["result"])
-    assert torch.equal(res[0]["after_nonfinite"], res[1]["after_nonfinite"])
-    assert not torch.equal(res[0]["sub"]["result"], res[2]["sub"]["result"])
-    for r in res:
-        assert r["sub"]["dtype"] == "torch.bfloat16"
-        # sum of 2 ranks: 2 x half a step, plus bf16 rounding of the result
-        assert r["sub"]["max_err_steps"] <= 1.0 + 0.05
-        assert r["drift_ef"] <= 0.5 + 1e-3, r["drift_ef"]  # bounded by the residual
-        assert r["drift_no_ef"] > 8 * r["drift_ef"] and r["drift_no_ef"] > 4
-        assert r["nonfinite_all_nan"] and r["residual_kept"]
-        assert r["nonfinite_sub"] == (True, True)
-        assert torch.isfinite(r["after_nonfinite"]).all()
-        assert torch.equal(r["ddp_params"], res[0]["ddp_params"])
-        first, last = r["ddp_loss"]
-        assert last < 0.5 * first, r["ddp_loss"]
-        assert r["ddp_calls"] >= 25 and 0 < r["ddp_bits"] < 8
+@pytest.fixture(scope="module")
+def four() -> list[dict]:
+    """One launch of 4 fresh ranks (the pipeline builds DeepSpeed engines, which stay on fresh
+    ranks): the collective checks, then the pipeline."""
+    return run_ranks(_four_ranks, 4, init_pg=False, timeout=300)
+
+
+CODE_SETTINGS = ("round", "rdoq", "rdoq_allgather", "abs_auto")
+
+
+class TestFourRanksAllReduce:
+    def test_every_rank_gets_the_same_result(self, four) -> None:
+        for name in CODE_SETTINGS:
+            for rank, r in enumerate(four[1:], 1):
+                assert torch.equal(r[name]["result"], four[0][name]["result"]), (
+                    f"{name}: rank {rank}'s result differs from rank 0's"
+                )
+
+    def test_error_within_the_quantizer_bound(self, four) -> None:
+        for name in CODE_SETTINGS:
+            for rank, r in enumerate(four):
+                assert r[name]["max_err_steps"] <= r[name]["bound"] * 1.0001, (
+                    f"{name}: rank {rank} error {r[name]['max_err_steps']} steps > {r[name]['bound']}"
+                )
+
+    def test_bits_per_element_in_range(self, four) -> None:
+        for name in CODE_SETTINGS:
+            for rank, r in enumerate(four):
+                assert 0 < r[name]["bits"] < 8, f"{name}: rank {rank} {r[name]['bits']} bits"
+
+    def test_rdoq_spends_fewer_bits_than_rounding(self, four) -> None:
+        assert four[0]["rdoq"]["bits"] < four[0]["round"]["bits"], "RDOQ saved no bits"
+
+    def test_both_exchanges_give_the_same_bits(self, four) -> None:
+        # same levels, exact integer sums: the two exchanges agree bit for bit
+        assert torch.equal(four[0]["rdoq"]["result"], four[0]["rdoq_allgather"]["result"]), (
+            "all-gather and reduce-scatter exchanges differ"
+        )
+
+
+class TestFourRanksSubgroups:
+    def test_each_pair_agrees_and_the_pairs_differ(self, four) -> None:
+        assert torch.equal(four[0]["sub"]["result"], four[1]["sub"]["result"]), "pair (0, 1)"
+        assert torch.equal(four[2]["sub"]["result"], four[3]["sub"]["result"]), "pair (2, 3)"
+        assert not torch.equal(four[0]["sub"]["result"], four[2]["sub"]["result"]), (
+            "the two 2-rank groups reduced the same thing"
+        )
+
+    def test_bf16_sum_within_bound(self, four) -> None:
+        for rank, r in enumerate(four):
+            assert r["sub"]["dtype"] == "torch.bfloat16", f"rank {rank}: {r['sub']['dtype']}"
+            # sum of 2 ranks: 2 x half a step, plus bf16 rounding of the result
+            assert r["sub"]["max_err_steps"] <= 1.0 + 0.05, f"rank {rank}: {r['sub']}"
+
+
+class TestFourRanksErrorFeedback:
+    def test_drift_bounded_by_the_residual(self, four) -> None:
+        for rank, r in enumerate(four):
+            assert r["drift_ef"] <= 0.5 + 1e-3, f"rank {rank}: drift with feedback {r['drift_ef']}"
+
+    def test_drift_grows_without_feedback(self, four) -> None:
+        for rank, r in enumerate(four):
+            assert r["drift_no_ef"] > 8 * r["drift_ef"] and r["drift_no_ef"] > 4, (
+                f"rank {rank}: drift without feedback {r['drift_no_ef']}, with {r['drift_ef']}"
+            )
+
+
+class TestFourRanksNonFinite:
+    def test_nonfinite_input_gives_nan_and_keeps_the_residual(self, four) -> None:
+        for rank, r in enumerate(four):
+            assert r["nonfinite_all_nan"], f"rank {rank}: a non-finite input gave finite output"
+            assert r["residual_kept"], f"rank {rank}: a non-finite input changed the residual"
+            assert r["nonfinite_sub"] == (True, True), f"rank {rank}: subgroup {r['nonfinite_sub']}"
+
+    def test_next_call_is_finite_and_equal(self, four) -> None:
+        assert torch.equal(four[0]["after_nonfinite"], four[1]["after_nonfinite"]), (
+            "ranks differ on the call after a non-finite one"
+        )
+        for rank, r in enumerate(four):
+            assert torch.isfinite(r["after_nonfinite"]).all(), f"rank {rank}: not finite after"
+
+
+class TestFourRanksDDPHook:
+    def test_replicas_stay_equal(self, four) -> None:
+        for rank, r in enumerate(four):
+            assert torch.equal(r["ddp_params"], four[0]["ddp_params"]), f"rank {rank} diverged"
+
+    def test_loss_falls(self, four) -> None:
+        for rank, r in enumerate(four):
+            first, last = r["ddp_loss"]
+            assert last < 0.5 * first, f"rank {rank}: loss {r['ddp_loss']}"
+
+    def test_every_bucket_is_coded(self, four) -> None:
+        for rank, r in enumerate(four):
+            assert r["ddp_calls"] >= 25 and 0 < r["ddp_bits"] < 8, (
+                f"rank {rank}: {r['ddp_calls']} calls, {r['ddp_bits']} bits/element"
+            )
+
+
+class TestFourRanksPipeline:
+    def test_two_stages_by_two_replicas_train_alike(self, four) -> None:
+        _check_pipeline([r["pipeline"] for r in four])
 
 
 def _check_pipeline(res: list[dict]) -> None:
@@ -453,44 +529,97 @@ def _torch_path() -> dict:
     return out
 
 
-def _two_ranks() -> dict:
-    return {
-        "agree": _exchanges_agree(),
-        "golden": _golden_hashes(),
-        "direct": _direct_exchange(),
-        "wire": _wire_integrity(),
-        "torch_path": _torch_path(),
-    }
+@pytest.fixture(scope="module")
+def agree() -> list[dict]:
+    return pool_ranks(_exchanges_agree, 2)
 
 
-def test_exchanges_agree_bits_kept_and_corruption_refused() -> None:
-    res = run_ranks(_two_ranks, 2)
-    for r in res:
-        assert all(r["agree"].values()), r
-        assert all(r["direct"]["same"].values()) and len(r["direct"]["same"]) == 5, r
-        assert r["direct"]["int8"]["rdoq_auto"] and not r["direct"]["int8"]["fine_absolute"], r
-    for name in res[0]["direct"]["bytes"]:
-        (sent0, got0), (sent1, got1) = (r["direct"]["bytes"][name] for r in res)
-        assert sent0 == got1 and sent1 == got0 and sent0 > 0, (name, sent0, got0, sent1, got1)
-    for key, digest in res[0]["golden"].items():
-        name = key.split("/")[0]
-        assert (digest, res[1]["golden"][key]) == GOLDEN[name], f"{key}: bits changed"
-    wire = {k: (res[0]["wire"][k], res[1]["wire"][k]) for k in res[0]["wire"]}
-    assert len(wire) == 7, list(wire)
-    for key, (w0, w1) in wire.items():
-        assert w0["error"] is not None and w0["error"] == w1["error"], (key, w0, w1)
-        if key.endswith("/stats"):
-            assert "agreed block statistics differ" in w0["error"], (key, w0["error"])
-        else:
-            assert "a corrupted stream from rank 1 in bucket 'g'" in w0["error"], (key, w0)
-        for w in (w0, w1):
-            assert w["residual_unchanged"], f"{key}: a residual changed"
-            assert w["wire_errors"] == 1 and w["seconds"] < 30, (key, w)
-        assert torch.equal(w0["next"], w1["next"]), f"{key}: the next call differs"
-    print({k: round(max(w0["seconds"], w1["seconds"]), 4) for k, (w0, w1) in wire.items()})
-    for r in res:
-        torch_path = r["torch_path"]
-        wire_msg = torch_path.pop("wire")
-        assert len(torch_path) == 4 and all(torch_path.values()), torch_path
-        assert wire_msg is not None and wire_msg[1], wire_msg
-        assert "a corrupted stream from rank 1" in wire_msg[0], wire_msg
+@pytest.fixture(scope="module")
+def direct() -> list[dict]:
+    return pool_ranks(_direct_exchange, 2)
+
+
+@pytest.fixture(scope="module")
+def wire() -> dict[str, tuple[dict, dict]]:
+    res = pool_ranks(_wire_integrity, 2)
+    return {k: (res[0][k], res[1][k]) for k in res[0]}
+
+
+@pytest.fixture(scope="module")
+def torch_path() -> list[dict]:
+    return pool_ranks(_torch_path, 2)
+
+
+class TestTwoRanksExchanges:
+    def test_allgather_and_reduce_scatter_agree(self, agree) -> None:
+        for rank, r in enumerate(agree):
+            assert all(r.values()), f"rank {rank}: settings where the exchanges differ: {r}"
+
+    def test_bits_kept_from_before_the_exchange_interface(self) -> None:
+        res = pool_ranks(_golden_hashes, 2)
+        for key, digest in res[0].items():
+            name = key.split("/")[0]
+            assert (digest, res[1][key]) == GOLDEN[name], f"{key}: bits changed"
+
+
+class TestTwoRanksDirectExchange:
+    def test_same_results_as_the_collectives(self, direct) -> None:
+        for rank, r in enumerate(direct):
+            assert all(r["same"].values()) and len(r["same"]) == 5, f"rank {rank}: {r['same']}"
+
+    def test_int8_levels_where_they_fit(self, direct) -> None:
+        for rank, r in enumerate(direct):
+            assert r["int8"]["rdoq_auto"] and not r["int8"]["fine_absolute"], (
+                f"rank {rank}: int8 choice {r['int8']}"
+            )
+
+    def test_each_rank_receives_what_the_other_sent(self, direct) -> None:
+        for name in direct[0]["bytes"]:
+            (sent0, got0), (sent1, got1) = (r["bytes"][name] for r in direct)
+            assert sent0 == got1 and sent1 == got0 and sent0 > 0, (
+                f"{name}: rank 0 sent {sent0} got {got0}, rank 1 sent {sent1} got {got1}"
+            )
+
+
+class TestTwoRanksCorruptionRefused:
+    """A bit flipped on the wire by rank 1, on each path and in each part of the stream."""
+
+    def test_every_path_and_fault_is_covered(self, wire) -> None:
+        assert len(wire) == 7, f"cases: {list(wire)}"
+
+    def test_both_ranks_raise_the_same_error(self, wire) -> None:
+        for key, (w0, w1) in wire.items():
+            assert w0["error"] is not None and w0["error"] == w1["error"], (
+                f"{key}: rank 0 {w0['error']!r}, rank 1 {w1['error']!r}"
+            )
+
+    def test_the_error_names_the_sender_and_bucket(self, wire) -> None:
+        for key, (w0, _) in wire.items():
+            if key.endswith("/stats"):
+                assert "agreed block statistics differ" in w0["error"], (key, w0["error"])
+            else:
+                assert "a corrupted stream from rank 1 in bucket 'g'" in w0["error"], (key, w0)
+
+    def test_the_residual_is_unchanged_and_the_error_counted(self, wire) -> None:
+        for key, pair in wire.items():
+            for rank, w in enumerate(pair):
+                assert w["residual_unchanged"], f"{key}: rank {rank}'s residual changed"
+                assert w["wire_errors"] == 1 and w["seconds"] < 30, f"{key}: rank {rank}: {w}"
+
+    def test_the_next_call_agrees(self, wire) -> None:
+        for key, (w0, w1) in wire.items():
+            assert torch.equal(w0["next"], w1["next"]), f"{key}: the next call differs"
+        print({k: round(max(w0["seconds"], w1["seconds"]), 4) for k, (w0, w1) in wire.items()})
+
+
+class TestTwoRanksTorchPath:
+    def test_equals_the_fused_cpu_kernels(self, torch_path) -> None:
+        for rank, r in enumerate(torch_path):
+            same = {k: v for k, v in r.items() if k != "wire"}
+            assert len(same) == 4 and all(same.values()), f"rank {rank}: {same}"
+
+    def test_a_flipped_bit_is_refused_and_the_residual_kept(self, torch_path) -> None:
+        for rank, r in enumerate(torch_path):
+            wire_msg = r["wire"]
+            assert wire_msg is not None and wire_msg[1], f"rank {rank}: {wire_msg}"
+            assert "a corrupted stream from rank 1" in wire_msg[0], f"rank {rank}: {wire_msg}"

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from tests.dist import run_ranks
+from tests.dist import pool_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -98,32 +98,54 @@ def _overlap() -> dict:
     return {"calls": list(calls), "backward_started": started, "grads": grads}
 
 
-def _checks() -> dict:
+def _async_and_sync(find_unused: bool) -> dict:
     from ggspeed.gct import gct_hook
 
-    out: dict = {"overlap": _overlap()}
-    for find_unused in (False, True):
-        out[f"async_{find_unused}"] = _train(gct_hook, 12, find_unused)
-        out[f"sync_{find_unused}"] = _train(_sync_hook, 12, find_unused)
-    return out
+    return {"async": _train(gct_hook, 12, find_unused), "sync": _train(_sync_hook, 12, find_unused)}
 
 
-def test_hook_is_async_and_equals_the_synchronous_call() -> None:
-    r0, r1 = run_ranks(_checks, 2, timeout=300)
-    calls = r0["overlap"]["calls"]
-    assert len(calls) >= 2, f"expected several buckets, got {len(calls)}"
-    assert not any(done for done, _ in calls), "a future was complete while its peer was absent"
-    last_return = max(t for _, t in calls)
-    assert last_return < r1["overlap"]["backward_started"], (
-        "rank 0's hook calls did not all return before rank 1 began its backward"
-    )
-    assert torch.equal(r0["overlap"]["grads"], r1["overlap"]["grads"]), "ranks' gradients differ"
-    for find_unused in (False, True):
-        for r in (r0, r1):
-            params, bits = r[f"async_{find_unused}"]
-            ref, ref_bits = r[f"sync_{find_unused}"]
-            assert torch.equal(params, ref), f"find_unused={find_unused}: async != sync"
-            assert 0 < bits == ref_bits, (bits, ref_bits)
-        assert torch.equal(r0[f"async_{find_unused}"][0], r1[f"async_{find_unused}"][0]), (
-            f"find_unused={find_unused}: ranks diverged"
+@pytest.fixture(scope="module")
+def overlap() -> list[dict]:
+    return pool_ranks(_overlap, 2, timeout=300)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["all_used", "find_unused"])
+def trained(request) -> list[dict]:
+    return pool_ranks(_async_and_sync, 2, request.param, timeout=300)
+
+
+class TestAsynchronous:
+    """Rank 1 starts its backward late: rank 0's hook calls must not wait for it."""
+
+    def test_several_buckets_are_in_flight(self, overlap) -> None:
+        calls = overlap[0]["calls"]
+        assert len(calls) >= 2, f"expected several buckets, got {len(calls)}"
+
+    def test_futures_are_pending_while_the_peer_is_absent(self, overlap) -> None:
+        calls = overlap[0]["calls"]
+        assert not any(done for done, _ in calls), "a future was complete while its peer was absent"
+
+    def test_calls_return_before_the_peer_starts_its_backward(self, overlap) -> None:
+        last_return = max(t for _, t in overlap[0]["calls"])
+        assert last_return < overlap[1]["backward_started"], (
+            "rank 0's hook calls did not all return before rank 1 began its backward"
         )
+
+    def test_ranks_end_with_equal_gradients(self, overlap) -> None:
+        assert torch.equal(overlap[0]["grads"], overlap[1]["grads"]), "ranks' gradients differ"
+
+
+class TestEqualsTheSynchronousCall:
+    """12 Adam steps with the asynchronous hook and with the synchronous reference."""
+
+    def test_parameters_equal_the_synchronous_call(self, trained) -> None:
+        for rank, r in enumerate(trained):
+            assert torch.equal(r["async"][0], r["sync"][0]), f"rank {rank}: async != sync"
+
+    def test_bits_per_element_equal_the_synchronous_call(self, trained) -> None:
+        for rank, r in enumerate(trained):
+            bits, ref_bits = r["async"][1], r["sync"][1]
+            assert 0 < bits == ref_bits, f"rank {rank}: bits/element {bits} vs sync {ref_bits}"
+
+    def test_ranks_stay_equal(self, trained) -> None:
+        assert torch.equal(trained[0]["async"][0], trained[1]["async"][0]), "ranks diverged"

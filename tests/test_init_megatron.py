@@ -135,34 +135,63 @@ def _unsharded() -> dict[str, torch.Tensor]:
     return {"col": col, "row": row, "emb": emb}
 
 
-def test_tp_shards_concatenate_to_the_unsharded_init(tmp_path: Path) -> None:
-    ds = tmp_path / "ds"
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[list[dict], Path]:
+    """One launch of 2 fresh ranks (Megatron's parallel state and a DeepSpeed engine stay on
+    fresh ranks): the TP shards, apply_gg_init's, and a DeepSpeed checkpoint folder."""
+    ds = tmp_path_factory.mktemp("megatron") / "ds"
     results = run_ranks(megatron_and_deepspeed, 2, CFG, str(ds), timeout=300)
-    results = sorted(results, key=lambda r: r["rank"])
-    ref = _unsharded()
-    assert results[0]["col"].shape == (FFN // 2, HIDDEN)  # real shards, not replicas
-    assert results[0]["row"].shape == (HIDDEN, FFN // 2)
-    # Column-parallel and the embedding split rows (dim 0), row-parallel splits columns (dim 1).
-    assert torch.equal(torch.cat([r["col"] for r in results], 0), ref["col"])
-    assert torch.equal(torch.cat([r["row"] for r in results], 1), ref["row"])
-    assert torch.equal(torch.cat([r["emb"] for r in results], 0), ref["emb"])
-    assert not torch.equal(results[0]["col"], results[1]["col"])
-    # The statistics are the configured ones: std, depth scaling, GG shape.
-    assert float(ref["col"].std()) == pytest.approx(0.05, rel=0.05)
-    assert float(ref["row"].std()) == pytest.approx(0.05 / math.sqrt(2 * LAYERS), rel=0.05)
-    assert float(ref["emb"].std()) == pytest.approx(0.1, rel=0.05)
-    shape, _ = gg.fit_shape(ref["emb"])
-    assert shape == pytest.approx(0.7, rel=0.1)
-    assert "shape=0.7" in results[0]["methods"][0]
-    # apply_gg_init on the same layers: Kaiming fan-in of the whole layer, distinct shards.
-    col = torch.cat([r["applied"][0] for r in results], 0)
-    row = torch.cat([r["applied"][1] for r in results], 1)
-    assert float(col.std()) == pytest.approx(math.sqrt(2 / HIDDEN), rel=0.05)
-    assert float(row.std()) == pytest.approx(math.sqrt(2 / FFN), rel=0.05)
-    assert not torch.equal(results[0]["applied"][1], results[1]["applied"][1])
-    # tools/fit_gg.py reads the real DeepSpeed checkpoint folder the same launch saved.
-    got = fit_gg.load_tensors(ds)
-    assert torch.equal(got["blocks.0.qkv.weight"], results[0]["ds_state"]["blocks.0.qkv.weight"])
+    return sorted(results, key=lambda r: r["rank"]), ds
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict[str, torch.Tensor]:
+    return _unsharded()
+
+
+class TestTensorParallelShards:
+    def test_shards_are_real_shards(self, shards) -> None:
+        results, _ = shards
+        assert results[0]["col"].shape == (FFN // 2, HIDDEN), "column-parallel shard shape"
+        assert results[0]["row"].shape == (HIDDEN, FFN // 2), "row-parallel shard shape"
+        assert not torch.equal(results[0]["col"], results[1]["col"]), "shards are replicas"
+
+    def test_shards_concatenate_to_the_unsharded_init(self, shards, ref) -> None:
+        results, _ = shards
+        # Column-parallel and the embedding split rows (dim 0), row-parallel splits columns (dim 1).
+        assert torch.equal(torch.cat([r["col"] for r in results], 0), ref["col"]), "column"
+        assert torch.equal(torch.cat([r["row"] for r in results], 1), ref["row"]), "row"
+        assert torch.equal(torch.cat([r["emb"] for r in results], 0), ref["emb"]), "embedding"
+
+    def test_statistics_are_the_configured_ones(self, shards, ref) -> None:
+        results, _ = shards
+        # std, depth scaling, GG shape
+        assert float(ref["col"].std()) == pytest.approx(0.05, rel=0.05), "column std"
+        assert float(ref["row"].std()) == pytest.approx(0.05 / math.sqrt(2 * LAYERS), rel=0.05), (
+            "row std with depth scaling"
+        )
+        assert float(ref["emb"].std()) == pytest.approx(0.1, rel=0.05), "embedding std"
+        shape, _ = gg.fit_shape(ref["emb"])
+        assert shape == pytest.approx(0.7, rel=0.1), f"fitted shape {shape}"
+        assert "shape=0.7" in results[0]["methods"][0], results[0]["methods"][0]
+
+    def test_apply_gg_init_uses_the_whole_layers_fan_in(self, shards) -> None:
+        results, _ = shards
+        # Kaiming fan-in of the whole layer, distinct shards
+        col = torch.cat([r["applied"][0] for r in results], 0)
+        row = torch.cat([r["applied"][1] for r in results], 1)
+        assert float(col.std()) == pytest.approx(math.sqrt(2 / HIDDEN), rel=0.05), "column std"
+        assert float(row.std()) == pytest.approx(math.sqrt(2 / FFN), rel=0.05), "row std"
+        assert not torch.equal(results[0]["applied"][1], results[1]["applied"][1]), (
+            "row-parallel shards are replicas"
+        )
+
+    def test_fit_gg_reads_the_deepspeed_checkpoint_folder(self, shards) -> None:
+        results, ds = shards
+        got = fit_gg.load_tensors(ds)
+        assert torch.equal(
+            got["blocks.0.qkv.weight"], results[0]["ds_state"]["blocks.0.qkv.weight"]
+        ), "tools/fit_gg.py read other weights than the launch saved"
 
 
 def test_per_shard_path_draws_independent_shards_with_the_right_std() -> None:

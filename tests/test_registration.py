@@ -192,25 +192,52 @@ def _routes_by_section() -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def routed() -> list[dict]:
+    """One launch of 2 fresh ranks (DeepSpeed engines stay on fresh ranks) for every case."""
+    return run_ranks(_routes_by_section, 2, init_pg=False, timeout=600)
+
+
+# The ranks share one verdict, naming the ranks that refused and why.
+SHARED = "invalid ggspeed configuration: ranks 0, 1: "
+
+
 @pytest.mark.dist
 @pytest.mark.slow
-def test_deepspeed_initialize_routes_by_section_on_two_ranks():
-    results = run_ranks(_routes_by_section, 2, init_pg=False, timeout=600)
-    for got in results:  # every rank: the same verdicts
-        assert got["registered"] is True
-        # The ranks share one verdict, naming the ranks that refused and why.
-        shared = "invalid ggspeed configuration: ranks 0, 1: "
-        assert got["zero3"].startswith(
-            shared + "zero_optimization.stage: got 3; ggspeed.gct supports"
-        )
-        assert got["fp16"].startswith(
-            shared + "fp16.enabled: not supported with ggspeed.act.enabled"
-        )
-        assert got["offload"].startswith(shared + "zero_optimization.offload_optimizer: got")
-        assert got["plain"] == {"same_dict": True, "dict_unchanged": True, "has_ggspeed": False}
-        assert got["routed"] == ["gct"] and got["direct"] == ["gct"]
-        assert 0.0 < got["bits"] < 16.0
-        assert got["disabled_has_ggspeed"] is False
+class TestDeepSpeedInitializeOnTwoRanks:
+    def test_registration_is_armed(self, routed):
+        for rank, got in enumerate(routed):
+            assert got["registered"] is True, f"rank {rank}: not registered"
+
+    def test_refusals_are_one_shared_verdict(self, routed):
+        for rank, got in enumerate(routed):
+            assert got["zero3"].startswith(
+                SHARED + "zero_optimization.stage: got 3; ggspeed.gct supports"
+            ), f"rank {rank}: {got['zero3']}"
+            assert got["fp16"].startswith(
+                SHARED + "fp16.enabled: not supported with ggspeed.act.enabled"
+            ), f"rank {rank}: {got['fp16']}"
+            assert got["offload"].startswith(SHARED + "zero_optimization.offload_optimizer: got"), (
+                f"rank {rank}: {got['offload']}"
+            )
+
+    def test_a_config_without_section_is_plain_deepspeed(self, routed):
+        for rank, got in enumerate(routed):
+            assert got["plain"] == {
+                "same_dict": True,
+                "dict_unchanged": True,
+                "has_ggspeed": False,
+            }, f"rank {rank}: {got['plain']}"
+
+    def test_a_section_routes_through_ggspeed_once(self, routed):
+        for rank, got in enumerate(routed):
+            assert got["routed"] == ["gct"], f"rank {rank}: deepspeed.initialize {got['routed']}"
+            assert got["direct"] == ["gct"], f"rank {rank}: ggspeed.initialize {got['direct']}"
+            assert 0.0 < got["bits"] < 16.0, f"rank {rank}: {got['bits']} bits/element"
+
+    def test_the_off_switch_is_read_at_call_time(self, routed):
+        for rank, got in enumerate(routed):
+            assert got["disabled_has_ggspeed"] is False, f"rank {rank}: GGSPEED_DISABLE ignored"
 
 
 # ----------------------------------------------------------------------------- HF checkpointing

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ggspeed.config import ConfigError
-from tests.dist import run_ranks
+from tests.dist import pool_ranks, run_ranks
 
 
 def _ds_config(ggspeed: dict | None = None) -> dict:
@@ -19,7 +19,7 @@ def _ds_config(ggspeed: dict | None = None) -> dict:
     return cfg
 
 
-def _train_plain_and_ggspeed() -> tuple[list[float], list[float]]:
+def _train_plain_and_ggspeed() -> dict:
     """Same seed, same data: ggspeed.initialize with nothing enabled trains like DeepSpeed."""
     import deepspeed
 
@@ -39,10 +39,7 @@ def _train_plain_and_ggspeed() -> tuple[list[float], list[float]]:
             engine.step()
             out.append(loss.item())
         losses[name] = out
-        if name == "ggspeed":
-            assert engine.ggspeed.components == {}
-            assert engine.ggspeed.scalars() == {}
-    return losses["deepspeed"], losses["ggspeed"]
+    return {**losses, "components": engine.ggspeed.components, "scalars": engine.ggspeed.scalars()}
 
 
 def _mismatched_configs() -> str:
@@ -64,18 +61,31 @@ def _mismatched_configs() -> str:
     return "no error"
 
 
+@pytest.fixture(scope="module")
+def without_features() -> list[dict]:
+    return run_ranks(_train_plain_and_ggspeed, 2, init_pg=False, timeout=240)
+
+
 @pytest.mark.dist
-def test_initialize_without_features_matches_deepspeed():
-    for plain, ours in run_ranks(_train_plain_and_ggspeed, 2, init_pg=False, timeout=240):
-        assert plain == ours
+class TestWithoutFeatures:
+    """ggspeed.initialize with an empty ggspeed section, against deepspeed.initialize."""
+
+    def test_losses_equal_deepspeed(self, without_features):
+        for rank, r in enumerate(without_features):
+            assert r["deepspeed"] == r["ggspeed"], f"rank {rank}: losses differ from DeepSpeed's"
+
+    def test_no_component_is_installed(self, without_features):
+        for rank, r in enumerate(without_features):
+            assert r["components"] == {}, f"rank {rank}: components {r['components']}"
+            assert r["scalars"] == {}, f"rank {rank}: scalars {r['scalars']}"
 
 
 @pytest.mark.dist
 def test_ranks_with_different_sections_are_refused():
-    messages = run_ranks(_mismatched_configs, 2, init_pg=False, timeout=240)
-    for msg in messages:
-        assert "different ggspeed settings" in msg
-        assert "ggspeed.log_interval: rank 0 has 5, rank 1 has 6" in msg
+    messages = pool_ranks(_mismatched_configs, 2, init_pg=False, timeout=240)
+    for rank, msg in enumerate(messages):
+        assert "different ggspeed settings" in msg, f"rank {rank}: {msg}"
+        assert "ggspeed.log_interval: rank 0 has 5, rank 1 has 6" in msg, f"rank {rank}: {msg}"
 
 
 def test_missing_ds_config_is_an_error():

@@ -208,54 +208,99 @@ def _cases(cases: list[tuple[str, int, bool]], tmpdir: str | None) -> dict:
     return out
 
 
-def _check_case(res: list[dict], name: str, full_bits: int) -> None:
-    plain = [r[(name, False)] for r in res]
-    coded = [r[(name, True)] for r in res]
-    for r in coded[1:]:
-        assert torch.equal(r["working"], coded[0]["working"]), f"{name}: replicas diverged"
-    for r in plain[1:]:
-        assert torch.equal(r["working"], plain[0]["working"]), f"{name}: plain replicas diverged"
-    p, c = plain[0], coded[0]
-    # Trains as plain DeepSpeed does: the same loss curve within a few percent.
-    assert c["loss"][1] < 0.5 * c["loss"][0], (name, c["loss"])
-    assert abs(c["loss"][1] - p["loss"][1]) < 0.05 * p["loss"][1] + 1e-3, (name, c["loss"], p)
-    # The masters follow plain's within a small part of how far training moved them.
-    for rp, rc in zip(plain, coded):
-        assert torch.equal(rp["masters0"], rc["masters0"])
-        moved = (rp["masters"] - rp["masters0"]).norm()
-        assert (rc["masters"] - rp["masters"]).norm() < 0.1 * moved, name
-    # The bytes handed to the collectives in the optimizer step: far below the full width.
-    for rp, rc in zip(plain, coded):
-        s = rc["stats"]
-        assert rc["calls"] == STEPS and s["second_rounds"] <= 2, (name, s)
-        assert rc["bytes"] == s["bytes_sent"], (name, rc["bytes"], s)
-        assert s["full_width_bits_per_element"] == full_bits
-        assert rp["bytes"] >= 4 * rc["bytes"], (name, rp["bytes"], rc["bytes"])
-        assert s["bits_per_element"] < full_bits / 4, (name, s)
-        assert s["rel_residual"] < 0.5, (name, s)  # replicas within a step of the masters
-
-
-def test_coded_param_gather_2_ranks(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> list[dict]:
+    """One launch of 2 fresh ranks (DeepSpeed engines stay on fresh ranks): both cases, the
+    resume, and the refusals."""
     cases = [("z1_fp32", 1, False), ("z2_bf16", 2, True)]
-    res = run_ranks(_cases, 2, cases, str(tmp_path), init_pg=False, timeout=500)
-    _check_case(res, "z1_fp32", 32)
-    _check_case(res, "z2_bf16", 16)
-    for r in res:
-        assert torch.equal(r["full"][0], r["resumed"][0]), "resume differs (working weights)"
-        assert torch.equal(r["full"][1], r["resumed"][1]), "resume differs (masters)"
-        assert r["resumed_calls"] == STEPS
-        assert not torch.equal(r["full"][0], r["reset"])
-        assert "ggspeed.wire.param_gather.quant_step" in r["other_settings"]
-        msg = r["zero3"]
-        assert msg and "zero_optimization.stage: got 3" in msg, msg
-        assert "ggspeed.wire.param_gather.enabled" in msg
+    tmp = tmp_path_factory.mktemp("gather")
+    return run_ranks(_cases, 2, cases, str(tmp), init_pg=False, timeout=500)
 
 
-def test_coded_param_gather_4_ranks() -> None:
+@pytest.fixture(scope="module")
+def four() -> list[dict]:
     cases = [("z2_fp32", 2, False), ("z1_bf16", 1, True)]
-    res = run_ranks(_cases, 4, cases, None, init_pg=False, timeout=500)
-    _check_case(res, "z2_fp32", 32)
-    _check_case(res, "z1_bf16", 16)
+    return run_ranks(_cases, 4, cases, None, init_pg=False, timeout=500)
+
+
+# (ranks, case, full width in bits)
+CASES = [(2, "z1_fp32", 32), (2, "z2_bf16", 16), (4, "z2_fp32", 32), (4, "z1_bf16", 16)]
+
+
+@pytest.fixture(params=CASES, ids=[f"{w}ranks-{name}" for w, name, _ in CASES])
+def case(request) -> tuple[list[dict], list[dict], str, int]:
+    """(plain runs per rank, coded runs per rank, case name, full width)."""
+    world, name, full_bits = request.param
+    res = request.getfixturevalue("two" if world == 2 else "four")
+    return [r[(name, False)] for r in res], [r[(name, True)] for r in res], name, full_bits
+
+
+class TestCodedParamGather:
+    def test_replicas_stay_equal(self, case) -> None:
+        plain, coded, name, _ = case
+        for rank, r in enumerate(coded[1:], 1):
+            assert torch.equal(r["working"], coded[0]["working"]), f"{name}: rank {rank} diverged"
+        for rank, r in enumerate(plain[1:], 1):
+            assert torch.equal(r["working"], plain[0]["working"]), (
+                f"{name}: plain rank {rank} diverged"
+            )
+
+    def test_trains_as_plain_deepspeed(self, case) -> None:
+        plain, coded, name, _ = case
+        p, c = plain[0], coded[0]
+        # the same loss curve within a few percent
+        assert c["loss"][1] < 0.5 * c["loss"][0], f"{name}: coded loss {c['loss']}"
+        assert abs(c["loss"][1] - p["loss"][1]) < 0.05 * p["loss"][1] + 1e-3, (
+            f"{name}: coded loss {c['loss']}, plain {p['loss']}"
+        )
+
+    def test_masters_follow_plain(self, case) -> None:
+        plain, coded, name, _ = case
+        # within a small part of how far training moved them
+        for rank, (rp, rc) in enumerate(zip(plain, coded, strict=True)):
+            assert torch.equal(rp["masters0"], rc["masters0"]), f"{name}: rank {rank} start"
+            moved = (rp["masters"] - rp["masters0"]).norm()
+            assert (rc["masters"] - rp["masters"]).norm() < 0.1 * moved, (
+                f"{name}: rank {rank}'s masters left plain's"
+            )
+
+    def test_bytes_far_below_full_width(self, case) -> None:
+        plain, coded, name, full_bits = case
+        # the bytes handed to the collectives in the optimizer step
+        for rank, (rp, rc) in enumerate(zip(plain, coded, strict=True)):
+            s = rc["stats"]
+            where = f"{name}: rank {rank}"
+            assert rc["calls"] == STEPS and s["second_rounds"] <= 2, f"{where}: {rc['calls']}, {s}"
+            assert rc["bytes"] == s["bytes_sent"], f"{where}: counted {rc['bytes']}, stats {s}"
+            assert s["full_width_bits_per_element"] == full_bits, f"{where}: {s}"
+            assert rp["bytes"] >= 4 * rc["bytes"], f"{where}: {rp['bytes']} vs {rc['bytes']}"
+            assert s["bits_per_element"] < full_bits / 4, f"{where}: {s}"
+            assert s["rel_residual"] < 0.5, f"{where}: replicas a step off the masters: {s}"
+
+
+class TestCodedParamGatherCheckpoint:
+    def test_resume_equals_the_uninterrupted_run(self, two) -> None:
+        for rank, r in enumerate(two):
+            assert torch.equal(r["full"][0], r["resumed"][0]), f"rank {rank}: working weights"
+            assert torch.equal(r["full"][1], r["resumed"][1]), f"rank {rank}: masters"
+            assert r["resumed_calls"] == STEPS, f"rank {rank}: {r['resumed_calls']} calls"
+
+    def test_resume_without_the_state_differs(self, two) -> None:
+        for rank, r in enumerate(two):
+            assert not torch.equal(r["full"][0], r["reset"]), f"rank {rank}: state made no change"
+
+
+class TestCodedParamGatherRefusals:
+    def test_ranks_with_different_settings(self, two) -> None:
+        for rank, r in enumerate(two):
+            msg = r["other_settings"]
+            assert "ggspeed.wire.param_gather.quant_step" in msg, f"rank {rank}: {msg}"
+
+    def test_zero3_naming_both_keys(self, two) -> None:
+        for rank, r in enumerate(two):
+            msg = r["zero3"]
+            assert msg and "zero_optimization.stage: got 3" in msg, f"rank {rank}: {msg}"
+            assert "ggspeed.wire.param_gather.enabled" in msg, f"rank {rank}: {msg}"
 
 
 def test_settings_refused_naming_the_key() -> None:
@@ -325,16 +370,30 @@ def _through_initialize(tmpdir: str) -> dict:
     return out
 
 
-def test_switched_on_from_the_ds_config(tmp_path) -> None:
-    res = run_ranks(_through_initialize, 2, str(tmp_path), init_pg=False, timeout=300)
-    for r in res:
-        assert torch.equal(r["full"], res[0]["full"]), "replicas diverged"
-        assert torch.equal(r["resumed"], r["full"]), "resume through ggspeed's checkpoint differs"
-        assert r["calls"] == 4 and r["loaded"][:2] == (4, 4) and all(r["loaded"][2])
-        s = r["scalars"]
-        assert 0 < s["param_gather/bits_per_element"] < 32, s
-        assert s["param_gather/full_width_bits_per_element"] == 32, s
-        assert 0 < s["gct/bits_per_element"] < 32, s
+@pytest.fixture(scope="module")
+def through_initialize(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("initialize")
+    return run_ranks(_through_initialize, 2, str(tmp), init_pg=False, timeout=300)
+
+
+class TestSwitchedOnFromTheDsConfig:
+    def test_replicas_stay_equal(self, through_initialize) -> None:
+        for rank, r in enumerate(through_initialize):
+            assert torch.equal(r["full"], through_initialize[0]["full"]), f"rank {rank} diverged"
+
+    def test_resume_through_ggspeeds_checkpoint(self, through_initialize) -> None:
+        for rank, r in enumerate(through_initialize):
+            assert torch.equal(r["resumed"], r["full"]), f"rank {rank}: resume differs"
+            assert r["calls"] == 4 and r["loaded"][:2] == (4, 4) and all(r["loaded"][2]), (
+                f"rank {rank}: {r['calls']} calls, loaded {r['loaded']}"
+            )
+
+    def test_both_codings_report_bits(self, through_initialize) -> None:
+        for rank, r in enumerate(through_initialize):
+            s = r["scalars"]
+            assert 0 < s["param_gather/bits_per_element"] < 32, f"rank {rank}: {s}"
+            assert s["param_gather/full_width_bits_per_element"] == 32, f"rank {rank}: {s}"
+            assert 0 < s["gct/bits_per_element"] < 32, f"rank {rank}: {s}"
 
 
 def test_component_protocol() -> None:

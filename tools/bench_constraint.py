@@ -2,7 +2,7 @@
 
     python tools/bench_constraint.py --out build/bench_constraint   # a few minutes, 2 cores
 
-2 gloo ranks (tests/dist.py's harness) train the small GPT (ggspeed.models.nanogpt, the
+2 gloo ranks (ggspeed.testing's harness) train the small GPT (ggspeed.models.nanogpt, the
 configuration of tools/bench_gct.py) on the embedded corpus with DDP, GCT as its comm hook and
 the constraint as a step pre-hook of the optimizer on the averaged gradients (as
 ``ggspeed.gct.install`` attaches it), one setting after another in one run: same initial weights
@@ -180,7 +180,7 @@ def main() -> None:
         return
     if "0" not in [f"{float(v):g}" for v in args.lambdas.split(",")]:
         p.error("--lambdas must include 0 (the reference)")
-    from tests.dist import run_ranks
+    from ggspeed.testing import run_ranks
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

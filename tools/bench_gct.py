@@ -31,7 +31,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -152,27 +151,16 @@ def methods_ar(args: argparse.Namespace) -> list[str]:
 
 
 def spawn(fn, world: int, *args) -> list[Any]:
-    """Run fn(rank, world, *args) on ``world`` gloo processes; return their results."""
-    import torch.multiprocessing as mp
+    """Run fn(rank, world, *args) on ``world`` gloo ranks (ggspeed.testing); return their results."""
+    from ggspeed.testing import run_ranks
 
-    with tempfile.TemporaryDirectory() as tmp:
-        port = 29500 + os.getpid() % 1000
-        mp.start_processes(
-            _entry, args=(fn, world, port, tmp, args), nprocs=world, start_method="spawn"
-        )
-        return [torch.load(Path(tmp) / f"r{r}.pt", weights_only=False) for r in range(world)]
+    return run_ranks(_with_rank, world, fn, *args, timeout=24 * 3600.0)
 
 
-def _entry(rank, fn, world, port, tmp, args):
+def _with_rank(fn, *args):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.save(fn(rank, world, *args), Path(tmp) / f"r{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    return fn(dist.get_rank(), dist.get_world_size(), *args)
 
 
 # ---------------------------------------------------------------------------------------------

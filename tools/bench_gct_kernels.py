@@ -11,7 +11,7 @@ sender seals each stream with and the receiver checks). Times are thread CPU tim
 pass costs, not waiting for a core on a shared machine), median over ``--repeats`` calls after
 a warm-up call.
 
-``--calls N`` adds whole calls on 2 gloo ranks (``tests/dist.py``'s harness; each rank reduces
+``--calls N`` adds whole calls on 2 gloo ranks (``ggspeed.testing``'s harness; each rank reduces
 its own captured gradient, error feedback on): calls with and without the wire checksum
 interleaved, and the verdict's message exchange alone; wall-clock medians, the slower rank's.
 """
@@ -201,7 +201,7 @@ def _calls(captured: str, calls: int) -> dict[str, float]:
 
 
 def two_ranks(captured: str, calls: int) -> None:
-    from tests.dist import run_ranks
+    from ggspeed.testing import run_ranks
 
     res = run_ranks(_calls, 2, captured, calls)
     slow = {k: max(r[k] for r in res) for k in res[0]}

@@ -2,7 +2,7 @@
 
     python tools/bench_hook.py --steps 30   # 2 gloo ranks, about a minute on 2 quiet cores
 
-2 gloo ranks (tests/dist.py's harness) run forward + backward of the small GPT (the
+2 gloo ranks (ggspeed.testing's harness) run forward + backward of the small GPT (the
 configuration of tools/bench_gct.py) under DDP with small buckets, alternating step by step
 between two models with the same weights: one with ``gct_hook`` (returns at once, the worker
 thread reduces while backward goes on) and one with a hook that makes the same
@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--bucket-mb", type=float, default=2.0, help="DDP bucket_cap_mb")
     args = p.parse_args()
-    from tests.dist import run_ranks
+    from ggspeed.testing import run_ranks
 
     res = run_ranks(_rank, 2, args, timeout=1800)
     out = {m: {k: max(r[m][k] for r in res) for k in res[0][m]} for m in res[0]}
