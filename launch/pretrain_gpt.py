@@ -946,8 +946,28 @@ class PeerWatch:
         keys = [f"ggspeed/beat/{r}" for r in range(self.world)]
         return [int(self.store.get(k)) if self.store.check([k]) else 0 for k in keys]
 
+    def _close_connections(self) -> None:
+        """Drop this rank's process groups, so that a peer blocked in a collective with it fails
+        now, while rank 0's store is up to compare heartbeats, and not when rank 0 exits, when
+        the store is gone and the peer cannot tell who died. Bounded: a hung teardown is left."""
+        import threading
+
+        import torch.distributed as dist
+
+        def close() -> None:
+            try:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+            except Exception:  # already broken: the peers learn when the process exits
+                pass
+
+        t = threading.Thread(target=close, daemon=True, name="ggspeed-close-groups")
+        t.start()
+        t.join(5.0)
+
     def report(self, error: BaseException) -> None:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        self._close_connections()
         try:
             before = self._beats()
             time.sleep(4 * self.period_s)
