@@ -7,11 +7,21 @@ are checked by the same code.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field
 
 from .base import Section
+
+
+def _eg_order(value: Any) -> Any:
+    if value == "auto" or (type(value) is int and 0 <= value <= 15):
+        return value
+    raise ValueError("allowed: an integer 0..15 or 'auto'")
+
+
+EgOrder = Annotated[int | Literal["auto"], BeforeValidator(_eg_order)]
+"""An Exp-Golomb order of the coded sections: an integer 0..15, or "auto" (chosen per chunk)."""
 
 KEY = "ggspeed.wire.param_gather"
 """Where the parameter all-gather's settings live in a ds_config; errors name keys below it."""
@@ -54,7 +64,7 @@ class ParamGatherConfig(Section):
         strict=True,
         description="Consecutive elements sharing one quantization step (32 bits of step per block).",
     )
-    eg_order: int | Literal["auto"] = Field(
+    eg_order: EgOrder = Field(
         "auto",
         description="Exp-Golomb order of the coded chunks: an integer 0..15, or 'auto' (per chunk).",
     )
@@ -72,13 +82,6 @@ class ParamGatherConfig(Section):
             "remainders."
         ),
     )
-
-    @field_validator("eg_order", mode="before")
-    @classmethod
-    def _eg_order(cls, value: Any) -> Any:
-        if value == "auto" or (type(value) is int and 0 <= value <= 15):
-            return value
-        raise ValueError("allowed: an integer 0..15 or 'auto'")
 
     def coding(self) -> dict[str, Any]:
         """The settings that shape the coded messages (all but ``enabled``): a resume must
@@ -117,7 +120,7 @@ class PipeCodingConfig(Section):
         strict=True,
         description="Consecutive elements sharing one quantization step (32 bits of step per block).",
     )
-    eg_order: int | Literal["auto"] = Field(
+    eg_order: EgOrder = Field(
         "auto",
         description="Exp-Golomb order of the coded chunks: an integer 0..15, or 'auto' (per chunk).",
     )
@@ -135,13 +138,6 @@ class PipeCodingConfig(Section):
             "the remainder."
         ),
     )
-
-    @field_validator("eg_order", mode="before")
-    @classmethod
-    def _eg_order(cls, value: Any) -> Any:
-        if value == "auto" or (type(value) is int and 0 <= value <= 15):
-            return value
-        raise ValueError("allowed: an integer 0..15 or 'auto'")
 
 
 class TiedGradsConfig(Section):
