@@ -81,9 +81,11 @@ def charged(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def node_rank_from_env() -> int | None:
     """This rank's node index from the launcher: ``CROSS_RANK`` (deepspeed.launcher.launch),
     ``GROUP_RANK`` (torchrun), or ``RANK // LOCAL_WORLD_SIZE``; None if none is set."""
-    for key in ("CROSS_RANK", "GROUP_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
+    from ..gct.hierarchical import place_from_env  # the one reader of the launcher's layout
+
+    node = place_from_env().node
+    if node is not None:
+        return node
     local = os.environ.get("LOCAL_WORLD_SIZE", "")
     rank = os.environ.get("RANK", "")
     if local.isdigit() and rank.isdigit() and int(local) > 0:
