@@ -252,7 +252,7 @@ class TestEngineRefusals:
             assert "ggspeed.gct.quant_step" in r["mismatch"], f"rank {rank}: {r['mismatch']}"
 
 
-def _pipeline(bf16_zero1: bool) -> dict:
+def _pipeline(with_bf16: bool) -> dict:
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
@@ -260,8 +260,9 @@ def _pipeline(bf16_zero1: bool) -> dict:
 
     deepspeed.init_distributed("gloo")
     out: dict = {}
-    for name, zero, bf16 in [("pp_zero0_fp32", 0, False), ("pp_zero1_bf16", 1, True)]:
-        if name == "pp_zero1_bf16" and not bf16_zero1:
+    variants = [("pp_zero0_fp32", 0, False), ("pp_zero1_bf16", 1, True), ("pp_zero0_bf16", 0, True)]
+    for name, zero, bf16 in variants:
+        if bf16 and not with_bf16:
             continue
         torch.manual_seed(0)
         layers = [
@@ -291,9 +292,13 @@ def _pipeline(bf16_zero1: bool) -> dict:
                 i += 1
 
         it = batches()
-        losses = [float(engine.train_batch(it)) for _ in range(STEPS)]
         st = engine.ggspeed.components["gct"]
+        losses = [float(engine.train_batch(it))]
+        first_keys = sorted(st.residuals)
+        losses += [float(engine.train_batch(it)) for _ in range(STEPS - 1)]
         out[name] = {
+            "keys": (first_keys, sorted(st.residuals)),
+            "optimizer": type(engine.optimizer).__name__,
             "stage": engine.grid.get_pipe_parallel_rank(),
             "params": _params(engine),
             "loss": (sum(losses[:3]) / 3, sum(losses[-3:]) / 3),

@@ -277,7 +277,12 @@ def _check_pipeline(res: list[dict]) -> None:
             assert torch.equal(reps[0]["params"], reps[1]["params"]), f"{name}: DP replicas differ"
             # stage 1 holds 65 parameters: the 54-byte stream headers dominate its bits
             assert reps[0]["calls"] >= STEPS and 0 < reps[0]["bits"] < 32, reps[0]
+            # the residuals' keys restart every step, whichever DeepSpeed path reduced
+            first, last = reps[0]["keys"]
+            assert first and first == last, f"{name}: residual keys {first} then {last}"
         last = next(r[name] for r in res if r[name]["stage"] == 1)
+        if name == "pp_zero0_bf16":  # the path that bypasses allreduce_gradients
+            assert last["optimizer"] == "BF16_Optimizer", last["optimizer"]
         assert last["loss"][1] < 0.5 * last["loss"][0], (name, last["loss"])
 
 

@@ -14,7 +14,7 @@ optimizer *instances* (class-level patches are bypassed in places):
   rank; the compressed all-reduce serves it too (every rank gets the sum, the owner keeps it).
 
 Error-feedback residuals are keyed on the ordinal of the reduction within a round (a round ends
-after ``allreduce_gradients`` or the PipelineEngine's ``_exec_reduce_grads``), which is stable
+after ``allreduce_gradients`` or the PipelineEngine's ``ReduceGrads`` instruction), which is stable
 from step to step; ZeRO-2 reduces at every micro-batch, so its ordinals restart at every
 backward.
 
@@ -96,6 +96,32 @@ def _after(obj: Any, name: str, fn: Callable[[], None]) -> None:
     setattr(obj, name, wrapped)
 
 
+def _after_pipeline_reduction(engine: Any, fn: Callable[[], None]) -> None:
+    """Call ``fn`` after a PipelineEngine's ``ReduceGrads`` instruction.
+
+    With DeepSpeed's BF16_Optimizer (bf16 with ZeRO-0, or ZeRO-1 accumulating in fp32) the
+    instruction reduces through ``buffered_allreduce_fallback``, never ``allreduce_gradients``,
+    so only this ends the round there. The engine runs instructions from the class-level
+    ``_INSTRUCTION_MAP`` (an instance attribute on the method would never be called): the engine
+    gets its own copy of the map, the entry wrapped, as ``ggspeed.wire.pipe`` does for the sends.
+    """
+    table = getattr(engine, "_INSTRUCTION_MAP", None)
+    if table is None:
+        return
+    from deepspeed.runtime.pipe import schedule
+
+    orig = table[schedule.ReduceGrads]
+
+    @functools.wraps(orig)
+    def reduce_grads(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            fn()
+
+    engine._INSTRUCTION_MAP = {**table, schedule.ReduceGrads: reduce_grads}
+
+
 def _base_optimizer(engine: Any) -> torch.optim.Optimizer | None:
     opt = engine.optimizer
     for _ in range(3):
@@ -171,8 +197,7 @@ def install(engine: Any, cfg: GCTConfig, state: GCTState | None = None) -> GCTSt
 
     # Every round of reductions ends in one of these (ZeRO-2's per-micro-batch rounds too).
     _after(engine, "allreduce_gradients", rounds.reset)
-    if hasattr(engine, "_exec_reduce_grads"):  # PipelineEngine (bf16 bypasses the method above)
-        _after(engine, "_exec_reduce_grads", rounds.reset)
+    _after_pipeline_reduction(engine, rounds.reset)
 
     if cfg.constraint_lambda > 0:
         base = _base_optimizer(engine)
