@@ -684,11 +684,13 @@ def open_metrics(run: Run) -> MetricsLog:
     log_dir.mkdir(parents=True, exist_ok=True)
     metrics.file = open(log_dir / "metrics.jsonl", "a" if args.load else "w")  # noqa: SIM115
     layout, gcfg = run.layout, run.gcfg
+    wire = [k for k in type(gcfg.wire).model_fields if getattr(gcfg.wire, k).enabled]
     log.info(
         "[ggspeed] layout tp=%d pp=%d dp=%d; global batch %d x %d tokens; steps %d..%d; "
-        "ggspeed: gg_init=%s act=%s gct=%s",
+        "ggspeed: gg_init=%s act=%s gct=%s wire=%s",
         *(layout.tp, layout.pp, layout.dp, run.plan.global_batch, run.cfg.seq_len),
         *(run.start, args.train_iters, gcfg.gg_init.enabled, gcfg.act.enabled, gcfg.gct.enabled),
+        ",".join(wire) or "off",
     )
     if not args.no_progress:
         from tqdm import tqdm
