@@ -714,6 +714,7 @@ class LoopState:
 
     step: int
     train_time: float = 0.0  # seconds in train_batch, the first step (one-time set-up) left out
+    cpu_time: float = 0.0  # this process's CPU seconds (all threads) over the same steps
     trained_steps: int = 0  # the steps train_time covers
     last_loss: float = math.nan
     valid_loss: float = math.nan
@@ -745,12 +746,13 @@ def train_step(run: Run, state: LoopState) -> dict[str, Any]:
     """One global batch; its metrics entry (loss, lr, tokens/s and ggspeed's scalars)."""
     engine = run.engine
     lr = float(engine.get_lr()[0])  # the LR this step runs at (the scheduler steps after it)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = float(engine.train_batch(run.batches))
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     state.step += 1
     if state.step > run.start + 1:  # the first step pays one-time set-up
         state.train_time += dt
+        state.cpu_time += cpu
         state.trained_steps += 1
     state.last_loss = loss
     entry = {
@@ -836,6 +838,7 @@ def print_summary(s: dict[str, Any]) -> None:
         f"  final train loss       {fmt(s['final_train_loss'])}",
         f"  final validation loss  {fmt(s['final_valid_loss'])}",
         f"  throughput             {fmt(s['tokens_per_s'])} tokens/s",
+        f"  CPU per step           {fmt(s['cpu_s_per_step']['sum_over_ranks'])} s, all ranks",
         f"  GCT bits per element   {fmt(s['gct_bits_per_element'])}",
         f"  ACT bits per element   {fmt(s['act_bits_per_element'])}",
         f"  bytes across nodes     {fmt(s['wire_budget'].get('cross_bytes_per_step'))} per step",
@@ -845,6 +848,25 @@ def print_summary(s: dict[str, Any]) -> None:
         "=" * 64,
     ]
     log.info("\n".join(lines))
+
+
+def cpu_per_step(state: LoopState) -> dict[str, float]:
+    """CPU seconds per training step (first step left out): this rank's, and the sum and the
+    maximum over all ranks. Where ranks share cores, wall time follows the sum; it tells compute
+    from waiting on the link."""
+    import torch
+    import torch.distributed as dist
+
+    from ggspeed import consensus
+
+    mine = state.cpu_time / state.trained_steps if state.trained_steps else float("nan")
+    total, most = (
+        torch.tensor([mine], dtype=torch.float64),
+        torch.tensor([mine], dtype=torch.float64),
+    )
+    dist.all_reduce(total, group=consensus.side_group())
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=consensus.side_group())
+    return {"rank": mine, "sum_over_ranks": float(total), "max_over_ranks": float(most)}
 
 
 def finish(run: Run, metrics: MetricsLog, state: LoopState) -> dict[str, Any]:
@@ -863,6 +885,7 @@ def finish(run: Run, metrics: MetricsLog, state: LoopState) -> dict[str, Any]:
         else float("nan"),
         "gct_bits_per_element": scal.get("gct/bits_per_element"),
         "act_bits_per_element": scal.get("act/bits_per_element"),
+        "cpu_s_per_step": cpu_per_step(state),  # a collective: every rank
         "ggspeed_scalars": scal,
         "wire_budget": run.engine.ggspeed.budget.summary(skip=1),  # a collective: every rank
         "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},

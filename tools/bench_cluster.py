@@ -65,6 +65,7 @@ class Run:
     budget_cross_per_step: float = float("nan")  # the wire budget over the same window
     budget: dict[str, Any] = field(default_factory=dict)  # summary.json's wire_budget
     scalars: dict[str, float] = field(default_factory=dict)  # the last ggspeed scalars
+    cpu_s_per_step: float = float("nan")  # CPU seconds per step summed over all ranks
     wall_s: float = 0.0
     log_dir: str = ""
 
@@ -212,6 +213,7 @@ def run_one(c: Any, args: argparse.Namespace, layout: str, config: str, rate: st
     run.final_valid_loss = summary["final_valid_loss"]
     run.gct_bits_per_element = summary.get("gct_bits_per_element")
     run.act_bits_per_element = summary.get("act_bits_per_element")
+    run.cpu_s_per_step = (summary.get("cpu_s_per_step") or {}).get("sum_over_ranks", float("nan"))
     run.bytes_per_step, run.bytes_per_step_by_node = counters.per_step(skip=2)
     run.budget = summary.get("wire_budget") or {}
     run.scalars = summary.get("ggspeed_scalars") or {}
@@ -254,8 +256,9 @@ def table(runs: list[Run], target: float) -> str:
     rows = [
         "| layout | link | config | tokens/s | vs unshaped plain | time to valid loss "
         f"{target:.3f} (s) | final valid loss | bytes across nodes / step | GCT bits/elt | "
-        "budget across nodes / step | TCP payload / step | budget / payload |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "budget across nodes / step | TCP payload / step | budget / payload | "
+        "CPU s / step, all ranks | CPU vs plain |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         tt = f"{r.time_to_target_s:.1f}" if r.time_to_target_s is not None else "not reached"
@@ -263,10 +266,12 @@ def table(runs: list[Run], target: float) -> str:
         base = ref.get(r.layout)
         vs = f"{r.tokens_per_s / base.tokens_per_s:.2f}" if base else "-"
         check = r.budget_cross_per_step / r.payload_per_step if r.payload_per_step else float("nan")
+        cpu = r.cpu_s_per_step / base.cpu_s_per_step if base else float("nan")
         rows.append(
             f"| {r.layout} | {r.rate or 'unshaped'} | {r.config} | {r.tokens_per_s:.0f} | "
             f"{vs} | {tt} | {r.final_valid_loss:.4f} | {_mb(r.bytes_per_step)} | {bits} | "
-            f"{_mb(r.budget_cross_per_step)} | {_mb(r.payload_per_step)} | {check:.3f} |"
+            f"{_mb(r.budget_cross_per_step)} | {_mb(r.payload_per_step)} | {check:.3f} | "
+            f"{r.cpu_s_per_step:.3f} | {cpu:.2f} |"
         )
     return "\n".join(rows)
 
@@ -344,8 +349,10 @@ def targets(runs: list[Run], dtype: tuple[str, int], min_steps: int = 300) -> li
             tag = f"{layout} ggspeed @ {r.rate or 'unshaped'}"
             speed = r.tokens_per_s / ref.tokens_per_s
             need = 0.9 if r.rate and r.rate.endswith("gbit") else 0.8
+            cpu = r.cpu_s_per_step / ref.cpu_s_per_step
             lines.append(f"{'PASS' if speed >= need else 'FAIL'} {tag}: tokens/s {speed:.2f} "
-                         f"of unshaped plain (target >= {need})")  # fmt: skip
+                         f"of unshaped plain (target >= {need}; CPU per step, all ranks: "
+                         f"{cpu:.2f} of plain's)")  # fmt: skip
             plain_x = ref.budget.get("cross_bytes_per_step", ref.bytes_per_step)
             mine_x = r.budget.get("cross_bytes_per_step", r.bytes_per_step)
             ratio = mine_x / plain_x if plain_x else float("nan")
