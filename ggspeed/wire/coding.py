@@ -56,15 +56,23 @@ def block_steps(u: torch.Tensor, block: int, quant_step: float) -> torch.Tensor:
     return torch.where(ok, steps, torch.ones_like(steps))
 
 
-def _per_element(steps: torch.Tensor, n: int, block: int) -> torch.Tensor:
-    return steps.repeat_interleave(block)[:n]
+def _blockwise_(x: torch.Tensor, steps: torch.Tensor, block: int, op: str) -> torch.Tensor:
+    """``x`` (flat float32) multiplied or divided in place, block by block, by its step: the same
+    elementwise float32 operations as against a per-element copy of the steps, without one."""
+    n = x.numel()
+    full = n // block
+    fn = torch.Tensor.mul_ if op == "mul" else torch.Tensor.div_
+    if full:
+        fn(x[: full * block].view(full, block), steps[:full, None])
+    if full * block < n:
+        fn(x[full * block :], steps[full])
+    return x
 
 
 def encode_update(u: torch.Tensor, settings: ParamGatherSettings) -> CodedUpdate:
     """Quantize and code a flat float32 update; ValueError if it holds inf or NaN."""
-    n = u.numel()
     steps = block_steps(u, settings.block_size, settings.quant_step)
-    q = codec.quantize(u / _per_element(steps, n, settings.block_size), 1.0)
+    q = codec.quantize(_blockwise_(u.clone(), steps, settings.block_size, "div"), 1.0)
     stream = codec.eg_encode(q, k=settings.eg_order, runs=settings.zero_runs)
     body = stream.to_tensor(checksum=False)
     head = steps.contiguous().view(torch.uint8).to(body.device)
@@ -89,9 +97,12 @@ def apply_update(held: torch.Tensor, q: torch.Tensor, steps: torch.Tensor, block
     Elementwise IEEE operations only: every rank that applies the same (q, steps) to the same
     ``held`` gets the same bits.
     """
-    n = held.numel()
-    delta = q.to(held.device, torch.float32) * _per_element(steps.to(held.device), n, block)
-    held.copy_((held.float() + delta).to(held.dtype))
+    delta = q.to(held.device, torch.float32, copy=True)
+    delta = _blockwise_(delta, steps.to(held.device), block, "mul")
+    if held.dtype == torch.float32:
+        held.add_(delta.view_as(held))
+    else:
+        held.copy_((held.float() + delta.view_as(held)).to(held.dtype))
 
 
 def full_width_bits(dtype: torch.dtype) -> int:
