@@ -33,6 +33,29 @@ TIED_KEY = "ggspeed.wire.tied_grads"
 """The switch of the coded tied-weight gradient all-reduce of a pipeline."""
 
 
+def _block_size_field() -> Any:
+    """The fields both coded sections share (one description for the README table)."""
+    return Field(
+        4096,
+        ge=1,
+        strict=True,
+        description="Consecutive elements sharing one quantization step (32 bits of step per block).",
+    )
+
+
+def _eg_order_field() -> Any:
+    return Field(
+        "auto",
+        description="Exp-Golomb order of the coded chunks: an integer 0..15, or 'auto' (per chunk).",
+    )
+
+
+def _zero_runs_field(default: bool) -> Any:
+    return Field(
+        default, strict=True, description="Code runs of zero levels (the codec's runs mode)."
+    )
+
+
 class ParamGatherConfig(Section):
     """The ZeRO-1/2 parameter all-gather after each optimizer step, sent as coded updates."""
 
@@ -58,19 +81,9 @@ class ParamGatherConfig(Section):
             "element; the error is sent again at the next step)."
         ),
     )
-    block_size: int = Field(
-        4096,
-        ge=1,
-        strict=True,
-        description="Consecutive elements sharing one quantization step (32 bits of step per block).",
-    )
-    eg_order: EgOrder = Field(
-        "auto",
-        description="Exp-Golomb order of the coded chunks: an integer 0..15, or 'auto' (per chunk).",
-    )
-    zero_runs: bool = Field(
-        True, strict=True, description="Code runs of zero levels (the codec's runs mode)."
-    )
+    block_size: int = _block_size_field()
+    eg_order: EgOrder = _eg_order_field()
+    zero_runs: bool = _zero_runs_field(True)
     capacity_slack: float = Field(
         0.1,
         ge=0,
@@ -114,19 +127,9 @@ class PipeCodingConfig(Section):
             "tensor is new). Larger: fewer bits, noisier activations or gradients."
         ),
     )
-    block_size: int = Field(
-        4096,
-        ge=1,
-        strict=True,
-        description="Consecutive elements sharing one quantization step (32 bits of step per block).",
-    )
-    eg_order: EgOrder = Field(
-        "auto",
-        description="Exp-Golomb order of the coded chunks: an integer 0..15, or 'auto' (per chunk).",
-    )
-    zero_runs: bool = Field(
-        False, strict=True, description="Code runs of zero levels (the codec's runs mode)."
-    )
+    block_size: int = _block_size_field()
+    eg_order: EgOrder = _eg_order_field()
+    zero_runs: bool = _zero_runs_field(False)
     capacity_slack: float = Field(
         0.1,
         ge=0,
