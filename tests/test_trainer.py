@@ -303,7 +303,7 @@ def test_resume_with_every_wire_switch_on_reproduces_the_straight_run(setup):
         return run_ranks(
             run_trainer, 4,
             argv(root, ds, "--pp", "2", "--log-dir", str(root / log), *extra),
-            init_pg=False, timeout=900,
+            init_pg=False, timeout=600,
         )  # fmt: skip
 
     straight = train("logWA", "--save", str(root / "ckWA"), "--save-interval", "3")
