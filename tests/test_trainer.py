@@ -279,6 +279,63 @@ def test_resume_reproduces_the_straight_run(setup):
     assert (root / "logA" / "summary.json").is_file()
 
 
+WIRE_ON = {
+    "param_gather": {"enabled": True},
+    "pipe_activations": {"enabled": True},
+    "pipe_grads": {"enabled": True},
+    "tied_grads": {"enabled": True},
+}
+
+
+@pytest.mark.dist
+def test_resume_with_every_wire_switch_on_reproduces_the_straight_run(setup):
+    """PP2 x DP2 with every coded-wire switch on (the ZeRO parameter gather, both pipeline
+    directions, the tied embedding's gradient through GCT's all-reduce), GG Init, ACT and GCT too:
+    the checkpoint at 3 resumed for 3 steps gives the straight run's losses, LRs and validation
+    loss. The pipe's slot capacities are not saved and both ends of each send restart them from
+    nothing; the residuals of GCT, the tied gradients and the parameter gather are restored."""
+    root = setup
+    assert MODEL["n_layer"] % 2 == 0, "one or more layers per pipeline stage"
+    base = ds_config()["ggspeed"]
+    ds = write_ds(root, "wire.json", ggspeed={**base, "wire": WIRE_ON})
+
+    def train(log: str, *extra: str) -> list[dict]:
+        return run_ranks(
+            run_trainer, 4,
+            argv(root, ds, "--pp", "2", "--log-dir", str(root / log), *extra),
+            init_pg=False, timeout=600,
+        )  # fmt: skip
+
+    straight = train("logWA", "--save", str(root / "ckWA"), "--save-interval", "3")
+    assert (root / "ckWA" / "iter_0000003").is_dir() and (root / "ckWA" / "iter_0000006").is_dir()
+    scal = straight[0]["ggspeed_scalars"]
+    for key in (
+        "param_gather/bits_per_element",
+        "pipe/activations/bits_per_element",
+        "pipe/grads/bits_per_element",
+        "tied_grads/bits_per_element",
+        "gct/bits_per_element",
+        "act/bits_per_element",
+    ):
+        assert scal.get(key, 0.0) > 0.0, f"{key} missing or zero: the feature did not run; {scal}"
+    (root / "ckWA" / "latest").write_text("iter_0000003")  # resume from the middle checkpoint
+    resumed = train("logWB", "--load", str(root / "ckWA"), "--save", str(root / "ckWB"))
+    for r, (a, b) in enumerate(zip(straight, resumed, strict=True)):
+        assert len(a["losses"]) == 6 and len(b["losses"]) == 3, (r, a["losses"], b["losses"])
+        assert b["losses"] == pytest.approx(a["losses"][3:], abs=1e-6), f"rank {r}"
+        assert b["final_valid_loss"] == pytest.approx(a["final_valid_loss"], abs=1e-6), f"rank {r}"
+    assert resumed[0]["ggspeed_scalars"].get("tied_grads/bits_per_element", 0.0) > 0.0
+
+    def lrs(log):
+        return [
+            m["lr"]
+            for m in map(json.loads, (root / log / "metrics.jsonl").read_text().splitlines())
+            if "lr" in m
+        ]
+
+    assert len(lrs("logWA")) == 6 and lrs("logWB") == pytest.approx(lrs("logWA")[3:], rel=1e-9)
+
+
 @pytest.mark.dist
 def test_a_ds_config_scheduler_section_is_the_schedule(setup):
     """With a "scheduler" section the trainer passes no scheduler: DeepSpeed builds the section's

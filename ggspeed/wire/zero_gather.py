@@ -14,6 +14,13 @@ slices at full width (``all_gather_dp_groups``, stage_1_and_2.py). Coded instead
   the replicas track the masters instead of drifting. It lives in DeepSpeed's own checkpoint
   (the module's working weights and each rank's fp32 master partition), so a resume is exact.
 
+A pipeline's tied weight (the embedding shared by the first and last stage) has one copy per
+stage, each in its own stage's flat partitions: the copies get the same update ``u`` but blocks
+cut in other places, so other steps, and differ by up to a quantization step (each within half a
+step of the one master they share). DeepSpeed saves only the first stage's copy and, on load,
+broadcasts it to the others; so the component saves the other stages' copies and puts them back
+after DeepSpeed's load, and a resume stays exact.
+
 Installed on one optimizer *instance*: ``step`` is wrapped to keep ``held`` and arm the coded
 gather, and stage_1_and_2's module-level name ``all_gather_dp_groups`` (the function is
 imported by name there, so patching ``deepspeed.runtime.utils`` would not reach it) becomes a
@@ -93,8 +100,9 @@ class CodedParamGather:
     """Per-rank state of the coded parameter all-gather; the runtime's component.
 
     ``state_dict`` holds the counters and the slot capacities (they set how many bytes go out,
-    not what arrives); the error-feedback residual is ``master - working`` and DeepSpeed's
-    checkpoint restores both exactly.
+    not what arrives), and on a pipeline's later stages this rank's copies of the tied weights
+    (DeepSpeed's checkpoint holds the first stage's only); the error-feedback residual is
+    ``master - working`` and DeepSpeed's checkpoint restores both exactly.
     """
 
     name = "param_gather"
@@ -107,6 +115,7 @@ class CodedParamGather:
         self._since = GatherStats()
         self._optimizer: Any = None
         self._held: list[torch.Tensor] | None = None  # armed: own partitions before the step
+        self.tied: dict[str, torch.Tensor] = {}  # tied-weight copies DeepSpeed does not save
 
     # -- the runtime's component protocol --------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -116,6 +125,7 @@ class CodedParamGather:
             "capacity": list(self.capacity),
             "global_step": self.global_step,
             "stats": dataclasses.asdict(self.stats),
+            "tied": {k: w.detach().cpu().clone() for k, w in self.tied.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -132,6 +142,17 @@ class CodedParamGather:
         self.global_step = int(state.get("global_step", 0))
         self.stats = GatherStats(**state.get("stats", {}))
         self._since = GatherStats()
+        saved_tied = state.get("tied", {})
+        for key, weight in self.tied.items():
+            if key not in saved_tied:  # saved before copies were kept: the first stage's copy
+                continue
+            if saved_tied[key].shape != weight.shape:
+                raise ValueError(
+                    f"{KEY}: tied weight {key} saved with shape {tuple(saved_tied[key].shape)}, "
+                    f"this model's is {tuple(weight.shape)}"
+                )
+            with torch.no_grad():
+                weight.copy_(saved_tied[key])
 
     def on_step(self, global_step: int) -> None:
         self.global_step = int(global_step)
@@ -293,6 +314,23 @@ def _dispatch(original: Any) -> Any:
     return all_gather_dp_groups
 
 
+def _later_stage_tied_weights(engine: Any) -> dict[str, torch.Tensor]:
+    """This rank's copies of a pipeline's tied weights where it is not the stage DeepSpeed
+    saves and broadcasts them from (the lowest rank of the tied group), by ``<key>.<attr>``."""
+    import deepspeed.comm as dist
+
+    module = getattr(engine, "module", None)
+    comms = getattr(module, "tied_comms", None) or {}
+    me = dist.get_rank()
+    out = {}
+    for key, comm in comms.items():
+        if me == min(comm["ranks"]):
+            continue
+        for attr in comm["weight_attr"]:
+            out[f"{key}.{attr}"] = module._recursive_getattr(comm["module"], attr)
+    return out
+
+
 def _patch_module() -> None:
     from deepspeed.runtime.zero import stage_1_and_2
 
@@ -331,6 +369,7 @@ def install_coded_param_gather(
 
     state = CodedParamGather(settings)
     state._optimizer = opt
+    state.tied = _later_stage_tied_weights(engine)
     _patch_module()
     step = opt.step
 
