@@ -14,6 +14,7 @@ import torch
 from ggspeed.codec import empirical_entropy
 from ggspeed.gct import common
 from ggspeed.gct.kernels import HIST_K
+from ggspeed.wire import coding
 from tests.dist import pool_ranks
 
 
@@ -42,7 +43,9 @@ def test_level_counts_match_empirical_entropy(fused, monkeypatch):
         counts = common.level_counts(parts)
         expected = torch.unique(joined, return_counts=True)[1]
         assert torch.equal(counts, expected)  # ascending order of value, as bincount's
-        assert common.entropy_bits(counts) / joined.numel() == empirical_entropy(joined)
+        assert common.level_entropy(counts) == empirical_entropy(joined)
+        assert common.entropy_bits(counts) == joined.numel() * empirical_entropy(joined)
+        assert coding.entropy_bits(joined) == empirical_entropy(joined)  # the wire coders' helper
     assert common.level_counts([]).numel() == 0 and common.entropy_bits(torch.zeros(0)) == 0.0
 
 

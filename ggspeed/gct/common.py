@@ -294,16 +294,21 @@ def level_counts(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.from_numpy(counts)
 
 
-def entropy_bits(counts: torch.Tensor) -> float:
-    """Elements x empirical entropy (bits) of the histogram ``counts`` (``level_counts``): what
-    an ideal coder of those levels' distribution would spend on them. The entropy is computed
-    as ``codec.empirical_entropy`` computes it, on the CPU, so every device gives the same
-    value for the same levels."""
+def level_entropy(counts: torch.Tensor) -> float:
+    """The empirical entropy in bits per element of the histogram ``counts`` (``level_counts``;
+    0 for none), computed as ``codec.empirical_entropy`` computes it and on the CPU, so every
+    device gives the same value for the same levels, and the CPU that function's value."""
     n = int(counts.sum())
     if n == 0:
         return 0.0
     p = counts.to(torch.float64) / n
-    return n * float(-(p * torch.log2(p)).sum())
+    return float(-(p * torch.log2(p)).sum())
+
+
+def entropy_bits(counts: torch.Tensor) -> float:
+    """Elements x ``level_entropy``: what an ideal coder of the histogram's distribution would
+    spend on those levels."""
+    return int(counts.sum()) * level_entropy(counts)
 
 
 # ---- decode + add, dequantize (step 5) -------------------------------------------------------
