@@ -147,3 +147,19 @@ def test_published_entropy_is_that_of_the_coded_levels(world):
             assert r["want"] < r["bits"] < 2 * r["want"] + 2, what
         for key in [k for k in res if k.startswith("fused/")]:  # the torch path: the same value
             assert res[key]["got"] == res[key.replace("fused/", "torch/")]["got"]
+
+
+def test_pipe_messages_without_the_error_pass_are_the_same():
+    """The pipe coder's send without its decode-back (the sampled sends' error statistics):
+    the same message, codes and entropy; no error sums."""
+    from ggspeed.config.wire import PipeCodingConfig
+    from ggspeed.wire.pipe import encode_message
+
+    cfg = PipeCodingConfig(enabled=True)
+    x = _grad_like(5, 70_001).to(torch.bfloat16)
+    full, lean = encode_message(x, cfg), encode_message(x, cfg, errors=False)
+    assert torch.equal(full.message, lean.message) and full.kind == lean.kind
+    assert (full.code_bits, full.entropy_bits) == (lean.code_bits, lean.entropy_bits)
+    q = coding.encode_update(x.float(), cfg).q  # type: ignore[arg-type]
+    assert full.entropy_bits == x.numel() * empirical_entropy(q)
+    assert full.error_sq > 0 and lean.error_sq == 0 and lean.signal_sq == 0
