@@ -6,10 +6,11 @@
    every call histogramming its levels (``scalars()`` before each call opens a new telemetry
    window) against calls that do not (a bucket's later calls in one window), alternated in one
    run on the same gradient-like data: the median call time of each and their ratio.
-2. The wire coders, one process: ``pipe.encode_message`` (coding plus the entropy histogram, a
-   decode and the error sums on every send) against ``coding.encode_update`` (the coding
-   alone), and ``coding.entropy_bits`` (what a ZeRO gather adds per gather) against
-   ``encode_update``.
+2. The wire coders, one process, calls alternated: ``coding.encode_update`` (the coding alone);
+   ``pipe.encode_message`` with its decode-back for the error statistics (a message's first
+   send per telemetry window) and without (its other sends); ``coding.entropy_bits`` (each
+   pipe send and ZeRO gather histograms its levels) and ``codec.empirical_entropy`` (the torch
+   bincount it replaces).
 
 Ratios are measured side by side in one run; absolute times depend on the machine's load.
 """
@@ -61,34 +62,33 @@ def _gct_ranks(n: int, repeats: int) -> dict[str, float]:
     return {"with_s": statistics.median(times[True]), "without_s": statistics.median(times[False])}
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def wire_coders(n: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each operation (alternated), and the ratios to the coding alone."""
+    from ggspeed.codec import empirical_entropy
     from ggspeed.config.wire import PipeCodingConfig
     from ggspeed.wire import coding, pipe
 
     settings = PipeCodingConfig(enabled=True)
     x = _grad_like(0, n)
     q = coding.encode_update(x, settings).q  # type: ignore[arg-type]
-    t = {
-        "encode_message_s": _median_time(lambda: pipe.encode_message(x, settings), repeats),
-        "encode_update_s": _median_time(
-            lambda: coding.encode_update(x, settings),  # type: ignore[arg-type]
-            repeats,
-        ),
-        "entropy_bits_s": _median_time(lambda: coding.entropy_bits(q), repeats),
+    ops = {
+        "encode_update": lambda: coding.encode_update(x, settings),  # type: ignore[arg-type]
+        "encode_message": lambda: pipe.encode_message(x, settings),
+        "encode_message_no_errors": lambda: pipe.encode_message(x, settings, errors=False),
+        "entropy_bits": lambda: coding.entropy_bits(q),
+        "empirical_entropy_bincount": lambda: empirical_entropy(q),
     }
-    t["pipe_statistics_share"] = 1.0 - t["encode_update_s"] / t["encode_message_s"]
-    t["entropy_over_encode"] = t["entropy_bits_s"] / t["encode_update_s"]
-    return t
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    for i in range(repeats + 1):
+        for k, fn in ops.items():
+            t0 = time.perf_counter()
+            fn()
+            if i:  # the first round warms up
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {f"{k}_s": v for k, v in med.items()}
+    out.update({f"{k}_over_encode_update": v / med["encode_update"] for k, v in med.items()})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
