@@ -276,9 +276,11 @@ def table(runs: list[Run], target: float) -> str:
     return "\n".join(rows)
 
 
-COMPONENT_KINDS = {"gct": "dp_grad", "param_gather": "zero_param"}
+COMPONENT_KINDS = {"gct": "dp_grad", "tied_grads": "tied_grad", "param_gather": "zero_param"}
 """Which budget kind each component's scalars describe (components that code pipeline traffic
-name the direction in their keys: ``..act..`` / ``..grad..``)."""
+name the direction in their keys: ``..act..`` / ``..grad..``). GCT and the tied gradients
+(``ggspeed.wire.tied``, a GCT state of its own) publish ``entropy_bits_per_element`` on a
+bucket's first call per telemetry window; the last window's value is the one shown."""
 
 
 def _kind_of(key: str) -> str | None:

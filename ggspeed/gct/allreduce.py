@@ -9,7 +9,9 @@ exchanges of ``exchange.py`` / ``direct.py``):
    every rank derives the same quantization step per block from the same numbers, and all of
    them learn alike if any rank holds an inf or NaN (then every rank returns NaN).
 3. Quantize and code: ``q = quantize(v / step)`` (rounding or RDOQ), the new residual
-   ``v - q * step``, and the levels Exp-Golomb coded into wire streams with a CRC-32.
+   ``v - q * step``, and the levels Exp-Golomb coded into wire streams with a CRC-32. On a
+   bucket's first call of each telemetry window also the histogram of the coded levels
+   (``GCTState.entropy_due``: the ``entropy_bits_per_element`` statistic).
 4. Exchange the streams (``exchange.choose``): an all-gather, a reduce-scatter followed by an
    all-gather of the coded sums, or the all-gather's messages point to point (gloo, CPU).
 5. Decode and dequantize: every rank adds the received levels to its own as exact integer sums
@@ -116,6 +118,7 @@ def compressed_all_reduce(
         out=(flat if flat.dtype == torch.float32 else torch.empty(n)) if cpu else None,
         timings=timings,
         sig_sq=sig_sq,
+        measure_entropy=state.entropy_due(key),
     )
     ex.reduce(call)
 
@@ -141,12 +144,15 @@ def compressed_all_reduce(
         tensor.copy_(flat.view_as(tensor))
     timings.lap("decode")
 
+    wire_elements = 2.0 * n * (world - 1) / world  # ring-equivalent: fp32 = 32 bits
+    if call.measure_entropy:
+        state.record_entropy(key, call.entropy_bits, wire_elements)
     state.record(
         calls=1,
         elements=n,
         bytes_sent=int(call.bytes_sent + small),
         bytes_received=int(call.bytes_received + small),
-        wire_elements=2.0 * n * (world - 1) / world,  # ring-equivalent: fp32 = 32 bits
+        wire_elements=wire_elements,
         quant_sq_err=float(call.err_sq),
         signal_sq=float(call.sig_sq or 0.0),
         encode_s=timings.encode_s,

@@ -14,6 +14,8 @@ quantize + code (3)   ``quantize_torch`` + codec   ``kernels.quantize_encode``
 decode + add (5)      ``codec.eg_decode`` + add    ``kernels.decode_add`` / ``codec.chunks``
 dequantize (5)        ``dequantize_torch``         ``kernels.dequantize_into`` (or fused in
                                                    the last decode)
+level histogram       ``torch.bincount``           ``kernels.level_histogram``
+(sampled calls)
 ====================  ===========================  =========================================
 
 Wire streams always carry the codec's CRC-32 (``WIRE_CHECKSUM``) and receivers require it: a
@@ -21,6 +23,8 @@ flipped bit is refused instead of giving different gradients on different ranks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -256,6 +260,55 @@ def encode_levels(q: torch.Tensor, state: GCTState) -> torch.Tensor:
     """The wire stream of int32 levels: the codec's self-describing bytes with the CRC-32."""
     stream = codec.eg_encode(q, k=state.cfg.eg_order, runs=state.cfg.zero_runs)
     return stream.to_tensor(checksum=WIRE_CHECKSUM)
+
+
+# ---- entropy of the coded levels (sampled calls) ---------------------------------------------
+def level_counts(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The histogram of the integer levels in ``parts`` taken together: how often each value
+    that occurs does, in ascending order of value (int64, CPU), as ``codec.empirical_entropy``
+    counts them. On the CPU one numba pass (levels within +-``kernels.HIST_K`` binned, the
+    rare others counted exactly by a second pass); elsewhere ``torch.bincount``."""
+    parts = [p.reshape(-1) for p in parts if p.numel()]
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64)
+    if not all(fused(p) for p in parts):
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        lo, hi = int(flat.min()), int(flat.max())
+        if hi - lo < (1 << 24):
+            counts = torch.bincount(flat.to(torch.int64) - lo)
+        else:
+            counts = torch.unique(flat, return_counts=True)[1]
+        return counts[counts > 0].cpu()
+    k = kernels.HIST_K
+    binned = np.zeros(2 * k + 1, np.int64)
+    outside = sum(kernels.level_histogram(p.numpy(), binned) for p in parts)
+    below = above = np.zeros(0, np.int64)
+    if outside:
+        wide = np.empty(outside, np.int64)
+        m = 0
+        for p in parts:
+            m = kernels.outside_levels(p.numpy(), wide, m)
+        values, n_wide = np.unique(wide, return_counts=True)
+        below, above = n_wide[values < -k], n_wide[values > k]
+    counts = np.concatenate([below, binned[binned > 0], above]).astype(np.int64)
+    return torch.from_numpy(counts)
+
+
+def level_entropy(counts: torch.Tensor) -> float:
+    """The empirical entropy in bits per element of the histogram ``counts`` (``level_counts``;
+    0 for none), computed as ``codec.empirical_entropy`` computes it and on the CPU, so every
+    device gives the same value for the same levels, and the CPU that function's value."""
+    n = int(counts.sum())
+    if n == 0:
+        return 0.0
+    p = counts.to(torch.float64) / n
+    return float(-(p * torch.log2(p)).sum())
+
+
+def entropy_bits(counts: torch.Tensor) -> float:
+    """Elements x ``level_entropy``: what an ideal coder of the histogram's distribution would
+    spend on those levels."""
+    return int(counts.sum()) * level_entropy(counts)
 
 
 # ---- decode + add, dequantize (step 5) -------------------------------------------------------

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from .. import codec
 from ..codec import chunks
 from . import common, kernels
-from .common import EMPTY_F32, decode_add, level_buffer, rdoq_order
+from .common import EMPTY_F32, decode_add, entropy_bits, level_buffer, level_counts, rdoq_order
 from .exchange import Call, Exchange
 from .state import GCTState
 
@@ -188,6 +188,8 @@ class Direct(Exchange):
             msg, g = self.outgoing(buf[:size]), self.group
             sends += [dist.isend(msg, group=g, group_dst=r, tag=_TAG + 1 + p) for r in peers]
             sent += size * len(peers)
+        if call.measure_entropy:  # our levels (before the decodes add to them), to each peer
+            call.entropy_bits = len(peers) * entropy_bits(level_counts([q]))
         call.timings.lap("encode")
         received = 0
         for p in range(len(cuts) - 1):

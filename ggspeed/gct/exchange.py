@@ -26,7 +26,16 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from .common import decode_add, dequantize, encode_levels, fused, quantize_encode, with_slack
+from .common import (
+    decode_add,
+    dequantize,
+    encode_levels,
+    entropy_bits,
+    fused,
+    level_counts,
+    quantize_encode,
+    with_slack,
+)
 from .state import GCTState
 
 __all__ = ["AllGather", "Call", "Exchange", "ReduceScatter", "Timings", "choose"]
@@ -69,6 +78,7 @@ class Call:
     err: torch.Tensor | None  # where the CPU kernels write the new residual (not the live one)
     out: torch.Tensor | None  # float32 buffer for the result on the CPU (may be the input)
     timings: Timings
+    measure_entropy: bool = False  # histogram the coded levels (``GCTState.entropy_due``)
     # written by the exchange:
     result: torch.Tensor | None = None
     new_residual: torch.Tensor | None = None
@@ -76,6 +86,9 @@ class Call:
     sig_sq: float | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
+    # with measure_entropy: an ideal coder's bits for what this rank sent coded, counted as
+    # bytes_sent counts the coded bytes (``GCTStats.entropy_bits_per_element``)
+    entropy_bits: float = 0.0
     bad: dict[int, str] = dataclasses.field(default_factory=dict)  # sender -> what was wrong
 
     @property
@@ -177,6 +190,8 @@ class AllGather(_Collectives):
             st, call.x, call.residual, call.steps, call.block, call.err, [0, call.n], -1
         )
         call.sig_sq = sig_sq if sig_sq is not None else call.sig_sq
+        if call.measure_entropy:  # our levels, one stream to each other rank
+            call.entropy_bits = (world - 1) * entropy_bits(level_counts([q]))
         call.timings.lap("encode")
         # 4. Exchange: all-gather of the streams, padded to the longest.
         gathered, lens, width = gather_coded([self.outgoing(coded[0])], self.group, world)
@@ -211,6 +226,9 @@ class ReduceScatter(_Collectives):
             st, call.x, call.residual, call.steps, call.block, call.err, bounds, me
         )
         call.sig_sq = sig_sq if sig_sq is not None else call.sig_sq
+        if call.measure_entropy:  # our levels of the other ranks' chunks, each sent once
+            lo, hi = bounds[me], bounds[me + 1]
+            call.entropy_bits = entropy_bits(level_counts([q[:lo], q[hi:]]))
         coded[me] = torch.empty(0, dtype=torch.uint8, device=dev)
         call.timings.lap("encode")
         # 4a. Exchange: all-to-all of the chunks (their lengths first).
@@ -239,6 +257,8 @@ class ReduceScatter(_Collectives):
         if call.bad:
             mine.zero_()
         own = encode_levels(mine, st)
+        if call.measure_entropy:  # our chunk's sums, sent to each other rank
+            call.entropy_bits += (world - 1) * entropy_bits(level_counts([mine]))
         call.timings.lap("encode")
         # 4b. Exchange: all-gather of the coded sums.
         gathered, lens, width = gather_coded([self.outgoing(own)], self.group, world)

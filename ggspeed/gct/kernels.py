@@ -25,6 +25,7 @@ __all__ = [
     "block_steps",
     "decode_add",
     "dequantize_into",
+    "level_histogram",
     "quantize_encode",
 ]
 
@@ -419,3 +420,48 @@ def _add_dequantize_range(dec, own, s, w, average, out):
             t = np.int32(dec[i] + own[i])
             dec[i] = 0
             out[i] = np.float32(t) * s
+
+
+HIST_K = 64  # level_histogram's bins: the levels -HIST_K ... HIST_K; others counted apart
+
+
+@numba.njit(cache=True, nogil=True)
+def level_histogram(q, counts):
+    """counts[HIST_K + l] += how often level l (|l| <= HIST_K) occurs in q; returns how many
+    levels lie outside (``outside_levels`` collects them). Four interleaved sub-histograms:
+    runs of equal levels (mostly zeros) would otherwise chain each increment on the last."""
+    k = HIST_K
+    w = 2 * k + 1
+    sub = np.zeros((4, w), np.int64)
+    n = q.size
+    n4 = n - n % 4
+    outside = 0
+    for i in range(0, n4, 4):
+        for j in range(4):
+            t = np.int64(q[i + j]) + k
+            if t < 0 or t >= w:
+                outside += 1
+            else:
+                sub[j, t] += 1
+    for i in range(n4, n):
+        t = np.int64(q[i]) + k
+        if t < 0 or t >= w:
+            outside += 1
+        else:
+            sub[0, t] += 1
+    for t in range(w):
+        counts[t] += sub[0, t] + sub[1, t] + sub[2, t] + sub[3, t]
+    return outside
+
+
+@numba.njit(cache=True, nogil=True)
+def outside_levels(q, out, m):
+    """Write the levels of q outside -HIST_K ... HIST_K into out from index m; returns the next
+    index (the exact path for the rare wide levels ``level_histogram`` does not bin)."""
+    k = HIST_K
+    for i in range(q.size):
+        v = np.int64(q[i])
+        if v < -k or v > k:
+            out[m] = v
+            m += 1
+    return m

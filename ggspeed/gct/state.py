@@ -37,6 +37,10 @@ class GCTStats:
     wire_errors: int = 0  # calls refused on every rank: a corrupted stream or statistics message
     # Hierarchical reduction: full-precision bytes sent within the node (ring-equivalent).
     intra_node_bytes: int = 0
+    # Calls whose coded levels were histogrammed (``GCTState.entropy_due``): an ideal coder's
+    # bits for what they sent coded, and their wire_elements.
+    entropy_bits: float = 0.0
+    entropy_elements: float = 0.0
     last_bytes_sent: int = 0
     last_bytes_received: int = 0
     last_elements: int = 0
@@ -48,6 +52,18 @@ class GCTStats:
         return 8.0 * self.bytes_sent / self.wire_elements if self.wire_elements else 0.0
 
     @property
+    def entropy_bits_per_element(self) -> float:
+        """The empirical entropy of the levels this rank coded, as bits per element counted as
+        ``bits_per_element`` counts them, over the calls that measured it: the bits an ideal
+        coder of each coded part's level histogram would have put on the wire, over those calls'
+        ``wire_elements``. The parts: this rank's own levels (all-gather and direct exchanges:
+        sent to each of the other ranks; reduce-scatter: the other ranks' chunks, once each),
+        and, with reduce-scatter, the summed levels of the chunk it owns (sent to each of the
+        other ranks). The gap to ``bits_per_element`` is what the Exp-Golomb codes, stream
+        headers, padding and statistics messages cost beyond that floor."""
+        return self.entropy_bits / self.entropy_elements if self.entropy_elements else 0.0
+
+    @property
     def rel_quant_error(self) -> float:
         """RMS quantization error over RMS of the quantized signal (this rank, before averaging)."""
         return (self.quant_sq_err / self.signal_sq) ** 0.5 if self.signal_sq else 0.0
@@ -55,6 +71,7 @@ class GCTStats:
     def as_dict(self) -> dict[str, float]:
         d = {k: float(v) for k, v in dataclasses.asdict(self).items()}
         d["bits_per_element"] = self.bits_per_element
+        d["entropy_bits_per_element"] = self.entropy_bits_per_element
         d["rel_quant_error"] = self.rel_quant_error
         return d
 
@@ -82,6 +99,7 @@ class GCTState:
         self._workspace: dict[str, torch.Tensor] = {}
         self._spares: dict[str, torch.Tensor] = {}  # CPU residuals' second buffers
         self._restored: set[str] = set()  # residuals loaded from a checkpoint, not yet used
+        self._entropy_keys: set[str] = set()  # buckets whose entropy this window has measured
 
     # ---- error feedback -------------------------------------------------------------------
     def residual(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
@@ -189,15 +207,35 @@ class GCTState:
             for k, v in values.items():
                 setattr(s, k, v)
 
+    def entropy_due(self, key: str) -> bool:
+        """Whether the call reducing bucket ``key`` should histogram its levels: the first
+        successful call of each bucket after each ``scalars()``.
+
+        Why sampled: a histogram pass over every bucket of every call costs a noticeable part
+        of a call on compute-bound ranks. One call per bucket per telemetry window covers every
+        bucket with its size's weight (a step's worth of gradients; the level distribution
+        drifts slowly next to a window), on every rank alike (the ranks call ``scalars()``
+        together)."""
+        return key not in self._entropy_keys
+
+    def record_entropy(self, key: str, bits: float, wire_elements: float) -> None:
+        """Count a measured call of bucket ``key``: its ideal-coder ``bits`` and its
+        ``wire_elements`` (see ``GCTStats.entropy_bits_per_element``)."""
+        self._entropy_keys.add(key)
+        self.record(entropy_bits=bits, entropy_elements=wire_elements)
+
     def record_constraint(self, rel_magnitude: float) -> None:
         self._constraint_sum += rel_magnitude
         self._constraint_n += 1
 
     def scalars(self) -> dict[str, float]:
-        """Telemetry since the previous call (runtime writes it to DeepSpeed's monitor)."""
+        """Telemetry since the previous call (runtime writes it to DeepSpeed's monitor).
+        ``entropy_bits_per_element`` covers the window's first call of each bucket
+        (``entropy_due``)."""
         s = self._since
         out = {
             "bits_per_element": s.bits_per_element,
+            "entropy_bits_per_element": s.entropy_bits_per_element,
             "bytes_sent": float(s.bytes_sent),
             "bytes_received": float(s.bytes_received),
             "elements": float(s.elements),
@@ -215,6 +253,7 @@ class GCTState:
             out["constraint_rel"] = self._constraint_sum / self._constraint_n
         self._since = GCTStats()
         self._constraint_sum, self._constraint_n = 0.0, 0
+        self._entropy_keys = set()
         return out
 
     # ---- checkpointing --------------------------------------------------------------------
@@ -252,6 +291,10 @@ class GCTState:
         d["_workspace"] = {}
         d["_spares"] = {}
         return d
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+        self.__dict__.setdefault("_entropy_keys", set())  # pickled before it existed
 
 
 def _plain_stats(stats: GCTStats) -> dict[str, int | float]:

@@ -87,8 +87,8 @@ class PipeStats:
     entropy_bits: float = 0.0  # elements x empirical entropy of the levels
     second_rounds: int = 0  # messages that outgrew their slot
     raw_messages: int = 0  # tensors with inf/NaN sent as their own bytes
-    signal_sq: float = 0.0  # sum of x^2 of the coded tensors
-    error_sq: float = 0.0  # sum of (x - decoded)^2
+    signal_sq: float = 0.0  # sum of x^2 of the coded tensors decoded back (sampled sends)
+    error_sq: float = 0.0  # sum of (x - decoded)^2 over the same sends
 
     def scalars(self) -> dict[str, float]:
         n = self.elements
@@ -125,14 +125,19 @@ class Encoded:
     signal_sq: float = 0.0
 
 
-def encode_message(x: torch.Tensor, settings: PipeCodingConfig) -> Encoded:
-    """The message for float tensor ``x``: coded (steps | EG stream), or raw if it holds inf/NaN."""
+def encode_message(x: torch.Tensor, settings: PipeCodingConfig, *, errors: bool = True) -> Encoded:
+    """The message for float tensor ``x``: coded (steps | EG stream), or raw if it holds inf/NaN.
+    ``errors``: also decode it back for ``error_sq`` / ``signal_sq`` (costs about as much as the
+    coding, so ``CodedPipe`` does it on a message's first send per telemetry window)."""
     flat = x.detach().reshape(-1)
     if not bool(torch.isfinite(flat).all()):
         raw = flat.contiguous().view(torch.uint8).clone()
         return Encoded(KIND_RAW, raw)
     u = flat.float()
     coded = encode_update(u, settings)  # type: ignore[arg-type]  # the same four settings
+    if not errors:
+        ent = u.numel() * entropy_bits(coded.q)
+        return Encoded(KIND_CODED, coded.message, code_bits=coded.code_bits, entropy_bits=ent)
     back = torch.zeros_like(u)
     apply_update(back, coded.q, coded.steps, settings.block_size)
     return Encoded(
@@ -192,6 +197,7 @@ class CodedPipe:
         self.stats = {d: PipeStats() for d in DIRECTIONS}
         self._since = {d: PipeStats() for d in DIRECTIONS}
         self.capacity: dict[tuple[str, str, int], int] = {}  # (direction, end, ordinal)
+        self._errors_done: set[tuple[str, str, int]] = set()  # sends with error sums this window
         self.global_step = 0
         self.engine: Any = None
 
@@ -219,6 +225,7 @@ class CodedPipe:
         """Per direction, since the previous call: ``activations/bits_per_element``, ..."""
         out = {f"{d}/{k}": v for d in self.settings for k, v in self._since[d].scalars().items()}
         self._since = {d: PipeStats() for d in DIRECTIONS}
+        self._errors_done = set()
         return out
 
     # -- one message -------------------------------------------------------------------------
@@ -229,9 +236,11 @@ class CodedPipe:
     def send(self, send: Any, tensor: torch.Tensor, dest_stage: int, armed: _Armed) -> None:
         d = armed.direction
         cfg = self.settings[d]
-        enc = encode_message(tensor, cfg)
-        msg = enc.message.to(tensor.device)
         key = (d, "send", armed.ordinal)
+        enc = encode_message(tensor, cfg, errors=key not in self._errors_done)
+        if enc.signal_sq:  # rel_error: a message's first send per window (``encode_message``)
+            self._errors_done.add(key)
+        msg = enc.message.to(tensor.device)
         armed.ordinal += 1
         cap = self.capacity.get(key, 0)
         slot = torch.zeros(_HEAD + cap, dtype=torch.uint8, device=tensor.device)
