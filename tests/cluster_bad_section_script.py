@@ -3,12 +3,33 @@ where the ranks of node 1 (global ranks >= the ranks per node) hold a bad ``"ggs
 
 Each rank prints one line with what ``initialize`` did and exits 3 on an error, so the test can
 tell that the ranks of node 0, which nothing on node 1 can kill, stopped on their own.
+
+DeepSpeed's per-node launcher kills a node's other ranks as soon as one of them exits non-zero,
+so a rank waits (bounded) until every rank of its node has printed before it exits: otherwise
+the first rank's exit can cut off its node peer's line. With a folder argument, each rank
+marks there that it printed.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+from pathlib import Path
+
+WAIT_S = 30.0
+
+
+def _wait_for_node(marks: Path, rank: int, per_node: int) -> None:
+    """Mark that ``rank`` printed; wait until every rank of its node did (at most WAIT_S)."""
+    marks.mkdir(parents=True, exist_ok=True)
+    (marks / str(rank)).touch()
+    first = rank - rank % per_node
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if all((marks / str(r)).exists() for r in range(first, first + per_node)):
+            return
+        time.sleep(0.05)
 
 
 def main() -> int:
@@ -32,9 +53,15 @@ def main() -> int:
         ggspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     except Exception as e:  # the verdict every rank must reach
         print(f"[bad-section] rank {rank}: {type(e).__name__}: {e}", flush=True)
-        return 3
-    print(f"[bad-section] rank {rank}: initialized", flush=True)
-    return 0
+        code = 3
+    else:
+        print(f"[bad-section] rank {rank}: initialized", flush=True)
+        code = 0
+    # deepspeed's launcher passes --local_rank=N first; the marks folder is the one positional
+    marks = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if marks:
+        _wait_for_node(Path(marks[0]), rank, per_node)
+    return code
 
 
 if __name__ == "__main__":

@@ -177,10 +177,11 @@ def test_killed_rank_stops_every_node_then_resumes(cluster):
 def test_bad_section_on_one_node_stops_every_rank(cluster):
     """Node 1's ranks hold a bad ggspeed section. Node 1's launcher can stop only its own ranks;
     node 0's ranks must reach the same verdict and exit on their own, in bounded time."""
-    c, _ = cluster
+    c, root = cluster
     bound = 240
     start = time.monotonic()
-    rc, out = launch(c, [str(ROOT / "tests" / "cluster_bad_section_script.py")], timeout=bound)
+    script = str(ROOT / "tests" / "cluster_bad_section_script.py")
+    rc, out = launch(c, [script, str(root / "bad-section-marks")], timeout=bound)
     took = time.monotonic() - start
     assert rc != 0 and took < bound, out[-6000:]
     lines = {}
