@@ -20,6 +20,12 @@ from pathlib import Path
 WAIT_S = 30.0
 
 
+def _say(line: str) -> None:
+    """One write of the whole line: the node's ranks share one pipe, and under ``python -u``
+    ``print`` writes the text and its newline separately, so two ranks' lines could merge."""
+    os.write(1, (line.replace("\n", " ") + "\n").encode())
+
+
 def _wait_for_node(marks: Path, rank: int, per_node: int) -> None:
     """Mark that ``rank`` printed; wait until every rank of its node did (at most WAIT_S)."""
     marks.mkdir(parents=True, exist_ok=True)
@@ -52,10 +58,10 @@ def main() -> int:
     try:
         ggspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     except Exception as e:  # the verdict every rank must reach
-        print(f"[bad-section] rank {rank}: {type(e).__name__}: {e}", flush=True)
+        _say(f"[bad-section] rank {rank}: {type(e).__name__}: {e}")
         code = 3
     else:
-        print(f"[bad-section] rank {rank}: initialized", flush=True)
+        _say(f"[bad-section] rank {rank}: initialized")
         code = 0
     # deepspeed's launcher passes --local_rank=N first; the marks folder is the one positional
     marks = [a for a in sys.argv[1:] if not a.startswith("--")]
