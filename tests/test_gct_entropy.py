@@ -16,6 +16,7 @@ from ggspeed.gct import common
 from ggspeed.gct.kernels import HIST_K
 from ggspeed.wire import coding
 from tests.dist import pool_ranks
+from tests.test_gct_dist import _grad_like
 
 
 def _levels(seed: int, n: int, scale: float, dtype=torch.int32) -> torch.Tensor:
@@ -47,12 +48,6 @@ def test_level_counts_match_empirical_entropy(fused, monkeypatch):
         assert common.entropy_bits(counts) == joined.numel() * empirical_entropy(joined)
         assert coding.entropy_bits(joined) == empirical_entropy(joined)  # the wire coders' helper
     assert common.level_counts([]).numel() == 0 and common.entropy_bits(torch.zeros(0)) == 0.0
-
-
-def _grad_like(seed: int, n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    u = torch.rand(n, generator=g, dtype=torch.float64) - 0.5
-    return (-1e-3 * torch.sign(u) * torch.log1p(-2 * u.abs())).float()
 
 
 def _entropy_checks() -> dict:
